@@ -1,0 +1,1 @@
+"""Flax model ports, weight conversion and tokenizers."""

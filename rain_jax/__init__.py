@@ -1,0 +1,1 @@
+"""rain_jax: RAIN inference-time alignment in JAX/Flax."""
