@@ -1,0 +1,294 @@
+"""LLaMA-family decoder in Flax linen, pure-functional, with an explicit KV cache.
+
+One forward pass serves prefill, cached decoding and tree-shaped attention: the caller
+passes per-row positions, per-row cache write offsets and an explicit attention mask.
+
+Shapes: B batch rows, T new tokens per row, S cache slots, L layers, H hidden size,
+NH query heads, KVH key/value heads, D head dim, F MLP size, V vocabulary.
+Parameter names and layouts are documented in docs/engine.md §1.
+"""
+import dataclasses
+import json
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def as_dtype(name):
+  """Maps 'float32' / 'bfloat16' / 'float16' to a jnp dtype (clear error otherwise)."""
+  if name not in _DTYPES:
+    raise ValueError(f'unknown dtype {name!r}; expected one of {sorted(_DTYPES)}')
+  return _DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture and numerics of one LLaMA-family model."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-6
+  max_seq_len: int = 2048
+  tie_embeddings: bool = False
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  scan_layers: bool = True
+
+  def __post_init__(self):
+    as_dtype(self.dtype)
+    as_dtype(self.param_dtype)
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_heads={self.num_heads} is not a multiple of '
+                       f'num_kv_heads={self.num_kv_heads}')
+    if self.head_dim % 2:
+      raise ValueError(f'head_dim={self.head_dim} must be even for rotary embeddings')
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self):
+    return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text):
+    fields = json.loads(text)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - known
+    if unknown:
+      raise ValueError(f'unknown LlamaConfig fields: {sorted(unknown)}')
+    return cls(**fields)
+
+  @property
+  def num_params(self):
+    h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+    attn = h * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = attn + 3 * h * f + 2 * h
+    head = 0 if self.tie_embeddings else h * v
+    return v * h + self.num_layers * per_layer + h + head
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer: k, v [L, B, S, KVH, D] in the compute dtype."""
+  k: jax.Array
+  v: jax.Array
+
+  @property
+  def max_len(self):
+    return self.k.shape[2]
+
+  @property
+  def batch_size(self):
+    return self.k.shape[1]
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
+  """A zeroed cache of `max_len` slots for `batch_size` rows."""
+  dtype = as_dtype(dtype or config.dtype)
+  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, computed in float32, cast back to the compute dtype."""
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rotary_cos_sin(positions, head_dim, theta):
+  """cos, sin [B, T, D] for integer positions [B, T] (HF rotate_half layout)."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x, cos, sin):
+  """Rotates x [B, T, heads, D] by cos/sin [B, T, D] (float32 math)."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def write_cache_rows(layer_cache, new, layer, write_index):
+  """Writes new [B, T, KVH, D] into layer_cache [L, B, S, KVH, D] at slots write_index[b] + t."""
+  batch, steps = new.shape[:2]
+  rows = jnp.arange(batch)[:, None]
+  slots = write_index[:, None] + jnp.arange(steps)[None, :]
+  return layer_cache.at[layer, rows, slots].set(new.astype(layer_cache.dtype), mode='drop')
+
+
+def attention_scores_to_output(q, k, v, attn_mask, num_kv_heads):
+  """Grouped-query attention with a float32 softmax.
+
+  q: [B, T, NH, D]; k, v: [B, S, KVH, D]; attn_mask: [B, T, S] bool -> [B, T, NH, D].
+  """
+  b, t, nh, d = q.shape
+  group = nh // num_kv_heads
+  q = q.reshape(b, t, num_kv_heads, group, d)
+  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = scores * (d ** -0.5)
+  scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, nh, d)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, cos, sin, cache, layer, write_index, attn_mask):
+    """x: [B, T, H] -> ([B, T, H], cache with this layer's new keys/values written)."""
+    c = self.config
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=as_dtype(c.dtype),
+                                     param_dtype=as_dtype(c.param_dtype), name=name)
+    b, t, _ = x.shape
+    q = dense(c.num_heads * c.head_dim, 'wq')(x).reshape(b, t, c.num_heads, c.head_dim)
+    k = dense(c.num_kv_heads * c.head_dim, 'wk')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = dense(c.num_kv_heads * c.head_dim, 'wv')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    cache = KVCache(k=write_cache_rows(cache.k, k, layer, write_index),
+                    v=write_cache_rows(cache.v, v, layer, write_index))
+    out = attention_scores_to_output(q, cache.k[layer], cache.v[layer], attn_mask,
+                                     c.num_kv_heads)
+    out = dense(c.hidden_size, 'wo')(out.reshape(b, t, c.num_heads * c.head_dim))
+    return out, cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=as_dtype(c.dtype),
+                                     param_dtype=as_dtype(c.param_dtype), name=name)
+    gate = dense(c.intermediate_size, 'w_gate')(x)
+    up = dense(c.intermediate_size, 'w_up')(x)
+    return dense(c.hidden_size, 'w_down')(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention + SwiGLU block. Call signature fits `nn.scan` (carry, broadcast)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, carry, cos, sin, write_index, attn_mask):
+    x, cache, layer = carry
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
+                                name=name)
+    attn_out, cache = Attention(c, name='attn')(norm('attn_norm')(x), cos, sin, cache,
+                                                layer, write_index, attn_mask)
+    x = x + attn_out
+    x = x + MLP(c, name='mlp')(norm('mlp_norm')(x))
+    return (x, cache, layer + 1), None
+
+
+class Llama(nn.Module):
+  """The decoder. `__call__` is the one forward pass (see `forward`)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions, cache, write_index, attn_mask):
+    c = self.config
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=as_dtype(c.dtype),
+                     param_dtype=as_dtype(c.param_dtype),
+                     embedding_init=nn.initializers.normal(0.02), name='embed')
+    x = embed(tokens)
+    cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
+    carry = (x, cache, jnp.int32(0))
+    if c.scan_layers:
+      stack = nn.scan(DecoderLayer, variable_axes={'params': 0},
+                      split_rngs={'params': True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=c.num_layers)
+      carry, _ = stack(c, name='layers')(carry, cos, sin, write_index, attn_mask)
+    else:
+      for i in range(c.num_layers):
+        carry, _ = DecoderLayer(c, name=f'layers_{i}')(carry, cos, sin, write_index,
+                                                        attn_mask)
+    x, cache, _ = carry
+    hidden = RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
+                     name='final_norm')(x)
+    if c.tie_embeddings:
+      table = embed.variables['params']['embedding'].astype(hidden.dtype)
+      logits = jnp.einsum('bth,vh->btv', hidden, table, preferred_element_type=jnp.float32)
+    else:
+      kernel = self.param('lm_head', nn.initializers.normal(0.02),
+                          (c.hidden_size, c.vocab_size), as_dtype(c.param_dtype))
+      logits = jnp.einsum('bth,hv->btv', hidden, kernel.astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+    return logits, hidden, cache
+
+
+def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, write_index,
+            attn_mask):
+  """One forward pass over T new tokens per row, reading and writing the cache.
+
+  Args:
+    params: the parameter tree (docs/engine.md §1), without the {'params': ...} wrapper.
+    tokens: [B, T] int32. positions: [B, T] int32 (rotary positions).
+    cache: KVCache with k, v [L, B, S, KVH, D].
+    write_index: [B] int32; row b's new keys/values go to slots write_index[b] + t.
+    attn_mask: [B, T, S] bool; True where query t of row b may read slot s (after the
+      write, so it must include the new token's own slot).
+  Returns:
+    logits [B, T, V] float32, hidden [B, T, H] (after the final norm), updated cache.
+  """
+  return Llama(config).apply({'params': params}, tokens, positions, cache, write_index,
+                             attn_mask)
+
+
+def init_params(config: LlamaConfig, rng):
+  """Random parameters (normal 0.02 embeddings/head, lecun-normal kernels, unit norms)."""
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  cache = init_cache(config, 1, 1)
+  mask = jnp.ones((1, 1, 1), bool)
+  variables = Llama(config).init(rng, tokens, tokens, cache, jnp.zeros((1,), jnp.int32),
+                                 mask)
+  return variables['params']
+
+
+def param_shapes(config: LlamaConfig):
+  """The parameter tree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def stack_layers(params, num_layers):
+  """Unrolled layout (layers_0 … layers_{L-1}) -> scanned layout (layers with leading L)."""
+  params = dict(params)
+  per_layer = [params.pop(f'layers_{i}') for i in range(num_layers)]
+  params['layers'] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
+  return params
+
+
+def unstack_layers(params, num_layers):
+  """Scanned layout (layers with leading L) -> unrolled layout (layers_0 … layers_{L-1})."""
+  params = dict(params)
+  stacked = params.pop('layers')
+  for i in range(num_layers):
+    params[f'layers_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return params
