@@ -1,0 +1,1 @@
+"""Plain-Python test oracles: the reference RAIN algorithm and scripted fake models."""
