@@ -12,7 +12,7 @@ so both sides draw the same tokens. No other randomness is used.
 """
 import dataclasses
 import math
-from typing import Callable, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -491,7 +491,8 @@ class Settings:
     if self.min_T < 0:
       raise ValueError(f"Settings.min_T must be >= 0, got {self.min_T}")
     if self.propose_temperature <= 0:
-      raise ValueError(f"Settings.propose_temperature must be > 0, got {self.propose_temperature}")
+      raise ValueError(
+          f"Settings.propose_temperature must be > 0, got {self.propose_temperature}")
 
 
 class LanguageModel(Protocol):
@@ -537,7 +538,9 @@ class CommitStats(NamedTuple):
 class Result:
   """committed: token sets in commit order; tokens: the generated ids (prompt
   excluded); stop_reason: 'no_children' | 'turn_marker' | 'maxlen' | 'eos';
-  judge_calls: distinct judged sequences (verdicts are memoised)."""
+  commits: one CommitStats per committed set; simulations: total over the generation;
+  judge_calls: distinct judged sequences (verdicts are memoised); early_stops: outer
+  steps ended by the early-stop rule."""
   committed: list
   tokens: tuple
   stop_reason: str
@@ -598,6 +601,8 @@ class _Search:
     """Self-evaluation (§4): (v, rollout tokens); verdicts memoised by judged ids."""
     rollout = self.rollout(text)
     ids = text + rollout
+    # The original memoises by the judged text (cut before a new turn marker); a fake
+    # model has no text, so the key here is the whole judged id sequence.
     if ids not in self.verdicts:
       self.verdicts[ids] = float(self.judge.value(ids, self.prompt_len))
     return self.verdicts[ids], rollout
