@@ -277,16 +277,16 @@ def _dequantize_q4_1(blocks):
 
 
 def _dequantize_f32(blocks):
-  return blocks.copy().view("<f4").astype(np.float32)
+  return blocks.view("<f4").astype(np.float32, copy=False)
 
 
 def _dequantize_f16(blocks):
-  return blocks.copy().view("<f2").astype(np.float32)
+  return blocks.view("<f2").astype(np.float32)
 
 
 def _dequantize_bf16(blocks):
   """bfloat16 bits are the high half of float32 bits."""
-  return (blocks.copy().view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
+  return (blocks.view("<u2").astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 _DEQUANTIZERS = {
@@ -312,9 +312,9 @@ class GGUFFile:
 
   def __init__(self, path):
     self.path = os.fspath(path)
-    self._buffer = _open_buffer(self.path)
-    cursor, tensor_count, self.metadata = _read_header_and_metadata(self._buffer, self.path)
-    self.version = struct.unpack_from("<I", self._buffer, 4)[0]
+    buffer = _open_buffer(self.path)
+    cursor, tensor_count, self.metadata = _read_header_and_metadata(buffer, self.path)
+    self.version = struct.unpack_from("<I", buffer, 4)[0]
     self.alignment = self.metadata.get("general.alignment", _DEFAULT_ALIGNMENT)
     if not isinstance(self.alignment, int) or self.alignment <= 0 or (
         self.alignment & (self.alignment - 1)):
@@ -324,7 +324,11 @@ class GGUFFile:
     self.tensors = _read_tensor_infos(cursor, tensor_count, self.alignment)
 
   def load(self, name):
-    """Dequantizes tensor `name` into a new float32 array of shape `tensors[name].shape`."""
+    """Dequantizes tensor `name` into a new float32 array of shape `tensors[name].shape`.
+
+    Only this tensor's bytes are mapped, and only while they are read, so loading every
+    tensor in turn keeps the resident memory at about one tensor.
+    """
     if name not in self.tensors:
       raise KeyError(f"{self.path}: no tensor named {name!r}")
     info = self.tensors[name]
@@ -333,9 +337,13 @@ class GGUFFile:
       raise GGUFError(
           f"{self.path}: tensor {name!r} has type {info.type_name}, which this reader "
           f"cannot dequantize (supported: {supported})")
-    _, block_size, block_bytes = GGML_TYPES[info.ggml_type]
-    raw = self._buffer[info.offset:info.offset + info.nbytes]
-    blocks = np.asarray(raw).reshape(-1, block_bytes)
+    _, _, block_bytes = GGML_TYPES[info.ggml_type]
+    if info.nbytes == 0:
+      return np.zeros(info.shape, np.float32)
+    mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=info.offset,
+                       shape=(info.nbytes,))
+    blocks = np.array(mapped).reshape(-1, block_bytes)
+    del mapped
     return _DEQUANTIZERS[info.ggml_type](blocks).reshape(info.shape)
 
 

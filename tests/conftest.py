@@ -8,3 +8,41 @@ from models import registry
 def smollm2_gguf_path():
   """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF (fetched once per cache)."""
   return registry.smollm2_gguf_path()
+
+
+@pytest.fixture
+def tiny_hf_checkpoint(tmp_path):
+  """Factory: a random tiny HF LlamaForCausalLM saved as safetensors under tmp_path.
+
+  make(num_heads=4, num_kv_heads=4, tie=False, torch_dtype='float32', seed=0, **config)
+  returns (directory, model): the directory holds config.json + model.safetensors
+  (`save_pretrained(safe_serialization=True)`), and `model` is the same network in
+  float32 torch (weights rounded through `torch_dtype`). Every weight, norms included,
+  is drawn at random so that a wrongly mapped tensor changes the logits.
+  """
+  import torch
+  import transformers
+
+  def make(num_heads=4, num_kv_heads=4, tie=False, torch_dtype="float32", seed=0,
+           max_shard_size=None, **config):
+    defaults = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    rope_theta=1000.0, rms_norm_eps=1e-5, max_position_embeddings=128)
+    defaults.update(config)
+    hf_config = transformers.LlamaConfig(num_attention_heads=num_heads,
+                                         num_key_value_heads=num_kv_heads,
+                                         tie_word_embeddings=tie, **defaults)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():
+      for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+          param.copy_(1.0 + 0.3 * torch.randn_like(param))
+        else:
+          param.copy_(0.2 * torch.randn_like(param))
+      model.to(getattr(torch, torch_dtype))
+    directory = tmp_path / f"hf-{num_heads}-{num_kv_heads}-{tie}-{torch_dtype}-{seed}"
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, safe_serialization=True, **save_kwargs)
+    return directory, model.float()
+
+  return make
