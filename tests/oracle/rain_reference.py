@@ -639,7 +639,7 @@ class _Search:
     new_cands = propose_sequences(
         self.lm, text, token_set_len(node.step), k, s.sample_attempts_factor * k - 1,
         s.propose_temperature, s.sample_top, s.seed,
-        lambda j, t: (WIDEN, self.sim, node.step, t))
+        lambda j, t: (WIDEN, self.sim, node.step * 64 + j, t))
     add_children_multi(node, new_cands, is_root)
 
 
