@@ -182,7 +182,8 @@ class Tokenizer(abc.ABC):
       if isinstance(token_id, (bool, np.bool_)) or not isinstance(token_id, (int, np.integer)):
         raise TypeError(f"token ids must be integers, got {token_id!r}")
       if not 0 <= token_id < self.vocab_size:
-        raise ValueError(f"token id {int(token_id)} is outside the vocabulary [0, {self.vocab_size})")
+        raise ValueError(
+            f"token id {int(token_id)} is outside the vocabulary [0, {self.vocab_size})")
       checked.append(int(token_id))
     return checked
 
@@ -395,15 +396,11 @@ def _required(metadata: Mapping[str, Any], key: str) -> Any:
 
 
 def _str_list(values: Sequence[Any], key: str) -> list[str]:
-  """`values` as a list of str (GGUF readers may give bytes)."""
-  out = []
+  """`values` as a list of str; ValueError naming `key` for any other item."""
   for value in values:
-    if isinstance(value, (bytes, bytearray, np.ndarray)):
-      value = bytes(value).decode("utf-8")
     if not isinstance(value, str):
       raise ValueError(f"{key} must hold strings, found {type(value).__name__}")
-    out.append(value)
-  return out
+  return list(values)
 
 
 def _merge_pair(merge: str) -> tuple[str, str]:

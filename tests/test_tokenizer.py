@@ -59,12 +59,26 @@ def llama():
 
 
 @pytest.fixture(scope="module")
+def llama_tables(llama):
+  return tokenizer_lib.token_tables(llama)
+
+
+@pytest.fixture(scope="module")
+def smollm_tables(smollm):
+  return tokenizer_lib.token_tables(smollm)
+
+
+@pytest.fixture(scope="module")
 def llama_sp():
   return sentencepiece.SentencePieceProcessor(model_file=LLAMA_MODEL)
 
 
-def _ids_with_text(tok, text):
-  return [i for i in range(tok.vocab_size) if tok.token_text(i) == text]
+def _ids_by_text(tok):
+  """{token text: [ids]} over the whole vocabulary."""
+  ids_by_text = {}
+  for i in range(tok.vocab_size):
+    ids_by_text.setdefault(tok.token_text(i), []).append(i)
+  return ids_by_text
 
 
 def _random_sequences(vocab_size, count, seed, extra_ids=()):
@@ -104,7 +118,7 @@ def test_llama_encode_decode_match_sentencepiece(llama, llama_sp):
   assert llama.decode(ids, skip_special_tokens=True) == llama_sp.decode(ids) == "The answer"
 
 
-def test_llama_tokenizer_json_matches_sentencepiece(llama, llama_sp, tmp_path):
+def test_llama_tokenizer_json_matches_sentencepiece(llama, llama_tables, tmp_path):
   """transformers converts the same model to tokenizer.json; the tokenizers backend
   must then agree with the SentencePiece backend id for id and byte for byte."""
   transformers = pytest.importorskip("transformers")
@@ -131,7 +145,7 @@ def test_llama_tokenizer_json_matches_sentencepiece(llama, llama_sp, tmp_path):
     for skip in (False, True):
       assert from_json.decode(ids, skip) == llama.decode(ids, skip), (ids, skip)
   tables_json = tokenizer_lib.token_tables(from_json)
-  tables_sp = tokenizer_lib.token_tables(llama)
+  tables_sp = llama_tables
   np.testing.assert_array_equal(tables_json.clause_end, tables_sp.clause_end)
   assert (tables_json.label_a, tables_json.label_b) == (tables_sp.label_a, tables_sp.label_b)
 
@@ -197,32 +211,36 @@ def test_gguf_tokenizer_round_trips_through_tokenizer_json(smollm, tmp_path):
 # Token tables.
 
 
-def test_clause_end_spot_checks(llama, smollm):
+def test_clause_end_spot_checks(llama, smollm, llama_tables, smollm_tables):
   """Neither real vocabulary holds a punctuation+whitespace token such as ". " or ".\n"
   (the tiny vocabulary below covers those); "\n " and '."' show that only the last
   character counts."""
-  for tok, true_texts, false_texts in (
-      (llama, [",", ".", "?", ":", ";", "\n", "),", "...", " ."], ["Hello", " Yes", "!", "’", '."']),
-      (smollm, [",", ".", "?", ":", ";", "\n", "\n\n", "),", "..."],
+  for tok, tables, true_texts, false_texts in (
+      (llama, llama_tables, [",", ".", "?", ":", ";", "\n", "),", "...", " ."],
+       ["Hello", " Yes", "!", "’", '."']),
+      (smollm, smollm_tables, [",", ".", "?", ":", ";", "\n", "\n\n", "),", "..."],
        ["Hello", " Yes", "!", "’", '."', "\n "]),
   ):
-    clause_end = tokenizer_lib.token_tables(tok).clause_end
+    clause_end = tables.clause_end
     assert clause_end.shape == (tok.vocab_size,) and clause_end.dtype == bool
+    ids_by_text = _ids_by_text(tok)
     for text, expected in [(t, True) for t in true_texts] + [(t, False) for t in false_texts]:
-      ids = _ids_with_text(tok, text)
+      ids = ids_by_text.get(text)
       assert ids, f"no token reads {text!r}"
       assert all(clause_end[i] == expected for i in ids), text
     assert not clause_end[tok.eos_id]
 
 
-def test_clause_end_matches_oracle_decoding(llama, llama_sp, smollm, smollm_oracle):
+def test_clause_end_matches_oracle_decoding(llama, llama_sp, llama_tables, smollm, smollm_oracle,
+                                            smollm_tables):
   """Over the whole vocabulary: the oracle's decoding of the token alone ends with a
   clause-end character exactly where the table says so (tokens whose oracle text is
   a partial UTF-8 sequence or empty are skipped: nothing to compare)."""
   ends = tuple(",.?:;\n")
-  for tok, decode_one in ((llama, lambda i: llama_sp.decode([i])),
-                          (smollm, lambda i: smollm_oracle.decode([i]))):
-    clause_end = tokenizer_lib.token_tables(tok).clause_end
+  for tok, tables, decode_one in (
+      (llama, llama_tables, lambda i: llama_sp.decode([i])),
+      (smollm, smollm_tables, lambda i: smollm_oracle.decode([i]))):
+    clause_end = tables.clause_end
     checked = 0
     for i in range(tok.vocab_size):
       text = decode_one(i)
@@ -232,8 +250,8 @@ def test_clause_end_matches_oracle_decoding(llama, llama_sp, smollm, smollm_orac
     assert checked > 0.95 * tok.vocab_size
 
 
-def test_labels_and_yes_no_llama(llama):
-  tables = tokenizer_lib.token_tables(llama)
+def test_labels_and_yes_no_llama(llama_tables):
+  tables = llama_tables
   assert (tables.label_a, tables.label_b) == (29909, 29933)
   assert sorted(tables.yes_ids.tolist()) == [3869, 8241]
   assert sorted(tables.no_ids.tolist()) == [1939, 3782]
@@ -242,8 +260,8 @@ def test_labels_and_yes_no_llama(llama):
     tables.clause_end[0] = True
 
 
-def test_labels_and_yes_no_smollm(smollm, smollm_oracle):
-  tables = tokenizer_lib.token_tables(smollm)
+def test_labels_and_yes_no_smollm(smollm_tables, smollm_oracle):
+  tables = smollm_tables
   prompt = tokenizer_lib.LABEL_CONTEXT
   for letter, label in (("A", tables.label_a), ("B", tables.label_b)):
     oracle_ids = smollm_oracle.encode(prompt + letter, add_special_tokens=False)
@@ -258,7 +276,7 @@ def test_labels_and_yes_no_smollm(smollm, smollm_oracle):
 def _tiny_gguf_metadata(extra_merges=()):
   """A hand-made byte-level vocabulary: ids 0-1 control, then single characters."""
   chars = ["(", "A", "B", "Y", "e", "s", "N", "o", ".", ",", "\u0120", "\u010a", "H", "u", "m",
-           "a", "n", ":", "T", "h", "w", "r", "i"]
+           "a", "n", ":", "T", "h", "w", "r", "i", "1", "2"]
   merged = [left + right for left, right in (m.split(" ") for m in extra_merges)]
   tokens = ["<|end|>", "<|start|>"] + chars + merged
   return {
@@ -275,16 +293,25 @@ def _tiny_gguf_metadata(extra_merges=()):
 def test_tiny_vocabulary_hand_computed():
   tok = tokenizer_lib.Tokenizer.from_gguf_metadata(_tiny_gguf_metadata(
       ["Y e", "Ye s", "N o", "\u0120 Yes", ". \u010a", ". \u0120"]))
-  # ids: "(" 2, "A" 3, "B" 4, "." 10, " " 12, "\n" 13, "Ye" 25, "Yes" 26, "No" 27,
-  # " Yes" 28, ".\n" 29, ". " 30. The GPT-2 split cuts ".\n" and " No" apart before merging.
+  # ids: "(" 2, "A" 3, "B" 4, "." 10, " " 12, "\n" 13, "Ye" 27, "Yes" 28, "No" 29,
+  # " Yes" 30, ".\n" 31, ". " 32. The GPT-2 split cuts ".\n" and " No" apart before merging.
   assert tok.encode("(A") == [2, 3]
-  assert tok.encode("Yes No. Yes.\n", add_bos=True) == [1, 26, 12, 27, 10, 28, 10, 13]
-  assert tok.decode([1, 26, 0]) == "<|start|>Yes<|end|>"
-  assert tok.decode([1, 26, 0], skip_special_tokens=True) == "Yes"
+  assert tok.encode("Yes No. Yes.\n", add_bos=True) == [1, 28, 12, 29, 10, 30, 10, 13]
+  assert tok.decode([1, 28, 0]) == "<|start|>Yes<|end|>"
+  assert tok.decode([1, 28, 0], skip_special_tokens=True) == "Yes"
   tables = tokenizer_lib.token_tables(tok, label_context="Th(")
   assert (tables.label_a, tables.label_b, tables.eos_id) == (3, 4, 0)
-  assert tables.yes_ids.tolist() == [26, 28] and tables.no_ids.tolist() == [27]
-  assert np.flatnonzero(tables.clause_end).tolist() == [10, 11, 13, 19, 29]
+  assert tables.yes_ids.tolist() == [28, 30] and tables.no_ids.tolist() == [29]
+  assert np.flatnonzero(tables.clause_end).tolist() == [10, 11, 13, 19, 31]
+
+
+def test_gguf_pre_tokenizer_names():
+  """'smollm' isolates digits, so the merge "1 2" never applies; 'gpt-2' keeps "12"
+  one pre-token and merges it (id 27 = first merged token)."""
+  metadata = _tiny_gguf_metadata(["1 2"])
+  assert tokenizer_lib.Tokenizer.from_gguf_metadata(metadata).encode("12") == [25, 26]
+  gpt2 = tokenizer_lib.Tokenizer.from_gguf_metadata({**metadata, "tokenizer.ggml.pre": "gpt-2"})
+  assert gpt2.encode("12") == [27]
 
 
 def test_next_token_id_rejects_merges_and_multi_token_letters():
@@ -333,6 +360,10 @@ def test_missing_and_corrupt_files(tmp_path):
   bad_json.write_text("{ this is not json")
   with pytest.raises(ValueError, match="not a valid tokenizer.json"):
     tokenizer_lib.load_tokenizer(str(bad_json))
+  bad_gguf = tmp_path / "model.gguf"
+  bad_gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+  with pytest.raises(ValueError, match="model.gguf"):
+    tokenizer_lib.load_tokenizer(str(bad_gguf))
   other = tmp_path / "vocab.txt"
   other.write_text("a\nb\n")
   with pytest.raises(ValueError, match="cannot tell the tokenizer format"):
