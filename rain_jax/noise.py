@@ -66,3 +66,9 @@ def uniform_py(seed, purpose, a, b, c, token):
 def gumbel_py(u):
   u = np.float32(u)
   return np.float32(-np.log(-np.log(u)))
+
+
+def row_seed(run_seed: int, example_index: int) -> int:
+  """The uint32 seed of one example: the run seed mixed with its dataset index."""
+  return _mix_py(_mix_py((run_seed & 0xFFFFFFFF) ^ 0x5EED5EED) + (example_index & 0xFFFFFFFF)
+                 * _GOLDEN)

@@ -387,14 +387,35 @@ def expand(tree: Tree, node, cand_tokens, cand_lens, cand_weights, cand_valid,
   )
 
 
+def children_embedding_spread(tree: Tree, node) -> jax.Array:
+  """||element-wise unbiased variance of the children's embeddings||_2 (reference §5).
+
+  NaN with fewer than two children, where the unbiased variance is undefined (the
+  reference's torch.var of one row is NaN too).
+
+  Args:
+    tree: the tree.
+    node: () int32, a used slot.
+
+  Returns:
+    () float32.
+  """
+  _, valid, safe = _child_slots(tree, node)
+  count = jnp.sum(valid)
+  emb = tree.embedding[safe]
+  mean = jnp.sum(jnp.where(valid[:, None], emb, 0.0), axis=0) / jnp.maximum(count, 1)
+  sq_dev = jnp.where(valid[:, None], (emb - mean) ** 2, 0.0)
+  variance = jnp.sum(sq_dev, axis=0) / jnp.maximum(count - 1, 1)
+  return jnp.where(count >= 2, jnp.sqrt(jnp.sum(variance ** 2)), jnp.nan)
+
+
 def should_add_child(tree: Tree, node, max_children, var_scale) -> jax.Array:
   """The widening test of reference §5.
 
-  True iff `node` has 1 <= #children < max_children, every child has an embedding,
-  ||unbiased element-wise variance of the children's embeddings||_2 <
-  var_scale * num_tokens(first child), and max child q < 0. With a single child the
-  unbiased variance is undefined (the reference's torch.var of one row is NaN and the
-  comparison with NaN is False), so one child never widens.
+  True iff `node` has fewer than max_children children, every child has an embedding,
+  `children_embedding_spread` < var_scale * num_tokens(first child), and max child
+  q < 0. A single child gives a NaN spread, so the comparison (hence the answer) is
+  False, as in the reference; a leaf is never widened either.
 
   Args:
     tree: the tree.
@@ -406,16 +427,11 @@ def should_add_child(tree: Tree, node, max_children, var_scale) -> jax.Array:
     () bool.
   """
   kids, valid, safe = _child_slots(tree, node)
-  count = jnp.sum(valid)
-  emb = tree.embedding[safe]
-  mean = jnp.sum(jnp.where(valid[:, None], emb, 0.0), axis=0) / jnp.maximum(count, 1)
-  sq_dev = jnp.where(valid[:, None], (emb - mean) ** 2, 0.0)
-  variance = jnp.sum(sq_dev, axis=0) / jnp.maximum(count - 1, 1)
-  spread = jnp.sqrt(jnp.sum(variance ** 2))
   all_embedded = jnp.all(jnp.where(valid, tree.has_embedding[safe], True))
   max_q = jnp.max(jnp.where(valid, tree.value[safe], -jnp.inf))
   first_len = tree.num_tokens[jnp.maximum(kids[0], 0)]
-  return ((count >= 2) & (count < max_children) & all_embedded
+  spread = children_embedding_spread(tree, node)
+  return ((jnp.sum(valid) < max_children) & all_embedded
           & (spread < var_scale * first_len) & (max_q < 0))
 
 
@@ -423,8 +439,10 @@ def add_children_one_token(tree: Tree, node) -> Tree:
   """One-token widening (reference §5).
 
   Takes the top (#children + 1) stored tokens, softmaxes their stored logits
-  (temperature 1; root smoothing at the root) and appends those not yet children with
-  those priors; existing children keep their priors.
+  (temperature 1), drops tokens whose probability is zero (as a one-token proposal
+  does; float32 underflows at a logit gap of ~100 where float64 needs ~745), applies
+  root smoothing at the root and appends the tokens not yet children with those
+  priors; existing children keep their priors.
 
   Args:
     tree: the tree.
@@ -438,6 +456,7 @@ def add_children_one_token(tree: Tree, node) -> Tree:
   taken = (jnp.arange(c) < tree.num_children[node] + 1) & (ids >= 0)
   logits = jnp.where(taken, tree.stored_top_logits[node], -jnp.inf)
   probs = jnp.where(taken, jax.nn.softmax(logits), 0.0)
+  taken = taken & (probs > 0)
   priors = _priors_from_weights(tree, node, probs, taken)
   tokens = jnp.zeros((c, tree.max_tokens), jnp.int32).at[:, 0].set(ids)
   lens = jnp.ones((c,), jnp.int32)

@@ -1,0 +1,121 @@
+"""Runners: turn a batch of examples into result records with one compiled call.
+
+`VanillaRunner` decodes greedily or by sampling (rain_jax/generate.py). Prompt lengths are
+bucketed (multiples of 64) and short batches padded to the batch size, so a run compiles
+once per bucket; compile time is measured apart from run time.
+"""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.tokenizer import encode_stop_sequences
+from rain_jax import generate, noise, sharding
+
+LENGTH_BUCKET = 64
+
+
+def bucket(length: int, size: int = LENGTH_BUCKET) -> int:
+  return -(-length // size) * size
+
+
+def encode_prompts(tokenizer, config, examples, max_new_tokens):
+  """Token ids of each example's prompt (BOS as the tokenizer adds it by default).
+
+  Raises ValueError naming the example when a prompt leaves no room for one new token
+  in the model's context.
+  """
+  encoded = []
+  for ex in examples:
+    ids = tokenizer.encode(ex.prompt, add_bos=tokenizer.adds_bos)
+    if len(ids) + 1 > config.max_seq_len:
+      raise ValueError(f'prompt {ex.id!r} has {len(ids)} tokens, longer than the model '
+                       f"context of {config.max_seq_len} tokens (minus one to answer)")
+    encoded.append(ids)
+  return encoded
+
+
+def pad_batch(rows, batch_size, width):
+  """Right-pads token lists into [batch_size, width] int32 (missing rows repeat row 0)."""
+  tokens = np.zeros((batch_size, width), np.int32)
+  lengths = np.zeros((batch_size,), np.int32)
+  for i in range(batch_size):
+    row = rows[i] if i < len(rows) else rows[0]
+    tokens[i, :len(row)] = row
+    lengths[i] = len(row)
+  return tokens, lengths
+
+
+class VanillaRunner:
+  """Vanilla decoding of a task's prompts on a mesh."""
+
+  def __init__(self, model, mesh, task, *, max_new_tokens, temperature=0.0, top_k=0,
+               top_p=1.0, seed=0):
+    self.model = model
+    self.mesh = mesh
+    self.task = task
+    self.max_new_tokens = max_new_tokens
+    self.sampling = generate.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    self.seed = seed
+    stops = encode_stop_sequences(model.tokenizer, task.turn_marker) if task.turn_marker else []
+    self.stop_sequences = generate.right_align_stop_sequences(stops or [[]])
+    self._compiled = {}
+
+  def encode(self, examples):
+    return encode_prompts(self.model.tokenizer, self.model.config, examples,
+                          self.max_new_tokens)
+
+  def _executable(self, batch_size, width):
+    """(compiled generate for [batch_size, width] prompts, compile seconds or 0 if cached)."""
+    key = (batch_size, width)
+    if key in self._compiled:
+      return self._compiled[key], 0.0
+    config = self.model.config
+    cache_len = min(width + self.max_new_tokens, config.max_seq_len)
+    cache_shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads,
+                   config.head_dim)
+    cache_sharding = sharding.cache_sharding(self.mesh, cache_shape)
+    rows = lambda ndim: sharding.batch_sharding(self.mesh, ndim, batch_size)
+    t0 = time.time()
+    args = (jax.ShapeDtypeStruct((batch_size, width), jnp.int32, sharding=rows(2)),
+            jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows(1)),
+            jax.ShapeDtypeStruct((batch_size,), jnp.uint32, sharding=rows(1)))
+    compiled = generate.generate.lower(
+        config, self.model.params, *args, self.stop_sequences,
+        jnp.int32(self.model.tokenizer.eos_id), max_new_tokens=self.max_new_tokens,
+        cache_len=cache_len, sampling=self.sampling, cache_sharding=cache_sharding).compile()
+    self._compiled[key] = (compiled, rows)
+    return self._compiled[key], time.time() - t0
+
+  def run_batch(self, batch, batch_size):
+    """batch: list of (Example, prompt ids). Returns one record per example."""
+    examples = [ex for ex, _ in batch]
+    width = min(bucket(max(len(ids) for _, ids in batch)), self.model.config.max_seq_len - 1)
+    (compiled, rows), compile_seconds = self._executable(batch_size, width)
+    tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
+    seeds = np.array([noise.row_seed(self.seed, ex.index) for ex in examples]
+                     + [0] * (batch_size - len(examples)), np.uint32)
+    t0 = time.time()
+    out = compiled(self.model.params, jax.device_put(tokens, rows(2)),
+                   jax.device_put(lengths, rows(1)), jax.device_put(seeds, rows(1)),
+                   self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
+    out = jax.device_get(out)
+    seconds = time.time() - t0
+    records = []
+    for i, (ex, ids) in enumerate(batch):
+      n = int(out.num_tokens[i])
+      new_ids = [int(t) for t in out.tokens[i, :n]]
+      reason = generate.STOP_REASONS[int(out.stop_reason[i])]
+      text_ids = new_ids[:-1] if reason == 'eos' else new_ids
+      text = self.model.tokenizer.decode(text_ids, skip_special_tokens=True)
+      records.append({
+          'id': ex.id, 'task': self.task.name, 'method': 'vanilla', 'prompt': ex.prompt,
+          'question': ex.question, 'response': self.task.answer(text),
+          'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
+          'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
+          'batch_size': len(batch), 'compile_seconds': compile_seconds, 'seed': self.seed,
+          'sampling': {'temperature': self.sampling.temperature, 'top_k': self.sampling.top_k,
+                       'top_p': self.sampling.top_p},
+      })
+    return records

@@ -1,0 +1,88 @@
+"""Turns the model flags into (config, params on the mesh, tokenizer)."""
+import dataclasses
+import os
+
+from models import convert, gguf, llama, registry
+from models.tokenizer import Tokenizer, load_tokenizer
+from rain_jax import sharding
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  name: str
+  config: llama.LlamaConfig
+  params: dict
+  tokenizer: Tokenizer
+  param_shardings: object
+
+
+def _weights_location(model, checkpoint, hf_dir, gguf_path):
+  """(format, path, tokenizer path or None, name) from exactly one weight source."""
+  given = [(flag, value) for flag, value in (('--checkpoint', checkpoint),
+                                             ('--hf_dir', hf_dir), ('--gguf', gguf_path))
+           if value]
+  if len(given) > 1:
+    raise ValueError(f'give one weight source, not {" and ".join(f for f, _ in given)}')
+  if model:
+    source = registry.resolve_model(model, hf_dir=hf_dir, checkpoint=checkpoint)
+    return source.weights_format, source.weights_path, source.tokenizer_path, model
+  if not given:
+    raise ValueError('no model: pass --model (a registry name), --checkpoint, --hf_dir '
+                     'or --gguf')
+  flag, path = given[0]
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{flag}: {path} does not exist')
+  fmt = {'--checkpoint': 'orbax', '--hf_dir': 'hf', '--gguf': 'gguf'}[flag]
+  return fmt, path, None, os.path.basename(os.path.normpath(path))
+
+
+def _find_tokenizer(fmt, path, tokenizer_flag, registry_tokenizer):
+  if tokenizer_flag:
+    return tokenizer_flag
+  if registry_tokenizer:
+    return registry_tokenizer
+  if fmt == 'gguf':
+    return path
+  if fmt == 'hf':
+    return path  # load_tokenizer looks for tokenizer.json / tokenizer.model inside
+  raise ValueError('--checkpoint needs --tokenizer (a tokenizer.model, tokenizer.json or '
+                   '.gguf file), or --model naming the registry entry it was converted from')
+
+
+def _config(fmt, path, dtype, scan_layers):
+  if fmt == 'gguf':
+    meta = gguf.read_gguf(path)
+    return convert.config_from_gguf(meta.metadata, meta.tensors, dtype=dtype,
+                                    scan_layers=scan_layers)
+  if fmt == 'hf':
+    return convert.config_from_hf(convert.read_hf_config(path), dtype=dtype,
+                                  scan_layers=scan_layers)
+  saved = convert.load_config(path)
+  if saved.scan_layers != scan_layers:
+    raise ValueError(f'{path} was saved with scan_layers={saved.scan_layers}; pass '
+                     f'--scan_layers={saved.scan_layers} or convert it again')
+  return saved.replace(dtype=dtype)
+
+
+def load_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None, tokenizer=None,
+               dtype='float32', scan_layers=True, mesh=None) -> LoadedModel:
+  """Loads weights straight into the mesh's parameter shardings (None: default device)."""
+  fmt, path, registry_tokenizer, name = _weights_location(model, checkpoint, hf_dir,
+                                                          gguf_path)
+  config = _config(fmt, path, dtype, scan_layers)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.param_shardings(llama.param_shapes(config), mesh,
+                                         head_dim=config.head_dim)
+  if fmt == 'gguf':
+    params = convert.params_from_gguf(path, config, shardings=shardings)
+  elif fmt == 'hf':
+    params = convert.params_from_hf_dir(path, config, shardings=shardings)
+  else:
+    params = convert.restore_params(path, config, shardings=shardings)
+  tok = load_tokenizer(_find_tokenizer(fmt, path, tokenizer, registry_tokenizer))
+  if tok.vocab_size > config.vocab_size:
+    raise ValueError(f'tokenizer has {tok.vocab_size} tokens but the model only '
+                     f'{config.vocab_size}')
+  return LoadedModel(name=name, config=config, params=params, tokenizer=tok,
+                     param_shardings=shardings)
