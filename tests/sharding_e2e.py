@@ -23,7 +23,7 @@ import numpy as np
 
 from models import llama
 from models.presets import get_preset
-from rain_jax import sharding
+from rain_jax import generate, sharding
 
 NUM_DECODE_STEPS = 4
 CACHE_SLOTS = 16
@@ -62,6 +62,26 @@ def greedy_decode(step, params, cache, tokens, lengths):
     token = np.argmax(passes[-1][:, 0], axis=-1).astype(np.int32)
     greedy.append(token)
   return passes, np.stack(greedy, axis=1), cache
+
+
+def generate_greedy(config, params, tokens, lengths, mesh=None):
+  """Greedy tokens [B, NUM_DECODE_STEPS + 1] from rain_jax.generate (no stop).
+
+  With a mesh, prompts go in split by rows and the cache is sharded by the rules.
+  """
+  batch = tokens.shape[0]
+  cache_sharding = None
+  if mesh is not None:
+    tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2, batch))
+    lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1, batch))
+    cache_sharding = sharding.cache_sharding(
+        mesh, (config.num_layers, batch, CACHE_SLOTS, config.num_kv_heads, config.head_dim))
+  result = generate.generate(
+      config, params, tokens, lengths, np.zeros(batch, np.uint32),
+      generate.right_align_stop_sequences([]), np.int32(-1),
+      max_new_tokens=NUM_DECODE_STEPS + 1, cache_len=CACHE_SLOTS,
+      cache_sharding=cache_sharding)
+  return np.asarray(result.tokens)
 
 
 def shard_report(tree):
@@ -114,6 +134,7 @@ def compare_meshes(preset, mesh_specs, batch_sizes):
   single = jax.jit(forward, donate_argnums=(3,))
   base_logits, base_greedy, _ = greedy_decode(
       single, params, llama.init_cache(config, 8, CACHE_SLOTS), tokens, lengths)
+  base_generated = generate_greedy(config, params, tokens, lengths)
 
   results = {}
   for mesh_spec, batch_size in zip(mesh_specs, batch_sizes):
@@ -132,10 +153,14 @@ def compare_meshes(preset, mesh_specs, batch_sizes):
         'max_abs_diff': max(float(np.max(np.abs(a - b[:batch_size])))
                             for a, b in zip(logits, base_logits)),
         'greedy_equal': bool(np.array_equal(greedy, base_greedy[:batch_size])),
+        'generate_equal': bool(np.array_equal(
+            generate_greedy(config, placed, tokens[:batch_size], lengths[:batch_size], mesh),
+            base_generated[:batch_size])),
         'params': shard_report(placed),
         'cache': shard_report({'k': cache.k, 'v': cache.v}),
     }
-  return {'greedy': base_greedy.tolist(), 'meshes': results,
+  return {'greedy': base_greedy.tolist(), 'generate': base_generated.tolist(),
+          'meshes': results,
           'max_abs_logit': max(float(np.max(np.abs(a))) for a in base_logits)}
 
 

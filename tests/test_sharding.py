@@ -224,9 +224,11 @@ def as_report_spec(spec):
 
 
 def check_mesh_run(result, expected_params, expected_cache, axis_sizes):
-  """Logits and greedy tokens match one device; arrays are split as the specs say."""
+  """Logits and greedy tokens (hand-rolled loop and rain_jax.generate) match one device;
+  arrays are split as the specs say."""
   assert result['max_abs_diff'] < 1e-5
   assert result['greedy_equal']
+  assert result['generate_equal']
   arrays = {**result['params'], **{f'cache/{k}': v for k, v in result['cache'].items()}}
   expected = {**expected_params, 'cache/k': expected_cache, 'cache/v': expected_cache}
   assert set(arrays) == set(expected)
@@ -243,46 +245,48 @@ def mesh_sizes(spec):
   return sizes(*map(int, spec.split(',')))
 
 
-ALL_MESHES = ('8,1,1', '2,2,2', '1,1,8', '1,8,1', '4,2,1')
+def check_runs(report, runs):
+  """Checks every "preset/mesh/batch" run against the hand-written expectations.
 
-
-def test_gqa_model_on_meshes_matches_one_device():
-  """tiny-gqa (8 heads, 4 KV heads, tied embeddings) on five meshes, plus B=4 rows.
-
-  On 1x1x8 the 4 KV heads cannot split over tensor=8: wk/wv and the cache fall back.
-  Also runs tiny-mha (untied LM head) on 2x2x2.
+  tiny-gqa (8 heads, 4 KV heads, tied embeddings): on tensor=8 its KV heads cannot be
+  split, so wk/wv and the cache fall back to replicated heads. A batch of 4 rows cannot
+  split over data*fsdp=8 and falls back to 'data' alone.
   """
-  runs = [f'tiny-gqa/{mesh}/8' for mesh in ALL_MESHES]
-  runs += ['tiny-gqa/4,2,1/4', 'tiny-mha/2,2,2/8']
-  report = run_e2e(runs)
+  for run in runs:
+    preset, mesh, batch = run.split('/')
+    axis_sizes = mesh_sizes(mesh)
+    kv_tensor = preset == 'tiny-mha' or axis_sizes['tensor'] < 8
+    rows = BATCH if int(batch) % (axis_sizes['data'] * axis_sizes['fsdp']) == 0 else 'data'
+    check_mesh_run(report[preset]['meshes'][f'{mesh} B={batch}'],
+                   expected_specs(kv_tensor=kv_tensor, lm_head=preset == 'tiny-mha'),
+                   P(None, rows, None, 'tensor' if kv_tensor else None, None), axis_sizes)
+  for preset in {run.split('/')[0] for run in runs}:
+    assert 1.0 < report[preset]['max_abs_logit'] < 10.0
+    greedy = report[preset]['greedy']
+    assert len({token for row in greedy for token in row}) > 8
+    assert report[preset]['generate'] == greedy
 
+
+DEFAULT_RUNS = ('tiny-gqa/2,2,2/8', 'tiny-gqa/1,1,8/8', 'tiny-gqa/4,2,1/4', 'tiny-mha/1,1,8/8')
+SLOW_RUNS = ('tiny-gqa/8,1,1/8', 'tiny-gqa/1,8,1/8', 'tiny-gqa/4,2,1/8',
+             'tiny-mha/8,1,1/8', 'tiny-mha/2,2,2/8', 'tiny-mha/1,8,1/8', 'tiny-mha/4,2,1/8')
+
+
+def test_meshes_match_one_device():
+  """All three axes at once (2x2x2), the KV-head fallback (tiny-gqa on 1x1x8), a full
+  8-way head split with an untied LM head (tiny-mha on 1x1x8), the batch fallback
+  (4 rows on 4x2x1); and what make_mesh builds on the 8 devices."""
+  report = run_e2e(DEFAULT_RUNS)
   assert report['mesh'] == {
       'device_count': 8, 'axis_names': ['data', 'fsdp', 'tensor'],
       'shape': {'data': 2, 'fsdp': 2, 'tensor': 2},
       'device_ids': [[[0, 1], [2, 3]], [[4, 5], [6, 7]]],
       'mismatch_error': "mesh spec '3,1,1' has 3 devices in all (product of [3, 1, 1]), "
                         'but there are 8 devices'}
-
-  gqa = report['tiny-gqa']['meshes']
-  assert len(gqa) == 6
-  for mesh in ALL_MESHES:
-    fallback = mesh == '1,1,8'
-    check_mesh_run(gqa[f'{mesh} B=8'], expected_specs(kv_tensor=not fallback, lm_head=False),
-                   P(None, BATCH, None, None if fallback else 'tensor', None),
-                   mesh_sizes(mesh))
-  check_mesh_run(gqa['4,2,1 B=4'], expected_specs(lm_head=False),
-                 P(None, 'data', None, 'tensor', None), mesh_sizes('4,2,1'))
-  check_mesh_run(report['tiny-mha']['meshes']['2,2,2 B=8'], expected_specs(),
-                 P(None, BATCH, None, 'tensor', None), mesh_sizes('2,2,2'))
-  assert 1.0 < report['tiny-gqa']['max_abs_logit'] < 10.0
-  greedy = report['tiny-gqa']['greedy']
-  assert len({token for row in greedy for token in row}) > 8
+  check_runs(report, DEFAULT_RUNS)
 
 
 @pytest.mark.slow
-def test_mha_model_on_all_meshes_matches_one_device():
-  """tiny-mha (8 heads, 8 KV heads, untied LM head): every split applies on every mesh."""
-  report = run_e2e([f'tiny-mha/{mesh}/8' for mesh in ALL_MESHES])
-  for mesh in ALL_MESHES:
-    check_mesh_run(report['tiny-mha']['meshes'][f'{mesh} B=8'], expected_specs(),
-                   P(None, BATCH, None, 'tensor', None), mesh_sizes(mesh))
+def test_more_meshes_match_one_device():
+  """The remaining meshes 8x1x1 (data only), 1x8x1 (fsdp only), 4x2x1, for both models."""
+  check_runs(run_e2e(SLOW_RUNS), SLOW_RUNS)
