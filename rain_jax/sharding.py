@@ -308,11 +308,6 @@ def jit_forward(forward_fn: Callable, mesh: Mesh, params_shardings: Any,
       donate_argnums=(3,))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  """A copy of the whole array on every device (scalars, small tables)."""
-  return NamedSharding(mesh, PartitionSpec())
-
-
 def shard_params(params: Any, shardings: Any) -> Any:
   """Places each parameter on the mesh as its sharding says (pytrees of one structure)."""
   return jax.device_put(params, shardings)
