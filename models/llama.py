@@ -131,10 +131,17 @@ def apply_rotary(x, cos, sin):
 
 
 def write_cache_rows(layer_cache, new, layer, write_index):
-  """Writes new [B, T, KVH, D] into layer_cache [L, B, S, KVH, D] at slots write_index[b] + t."""
+  """Writes new [B, T, KVH, D] into layer_cache [L, B, S, KVH, D].
+
+  write_index: [B] (token t of row b goes to slot write_index[b] + t) or [B, T] (an
+  explicit slot per token). Slots past the end are dropped.
+  """
   batch, steps = new.shape[:2]
   rows = jnp.arange(batch)[:, None]
-  slots = write_index[:, None] + jnp.arange(steps)[None, :]
+  if write_index.ndim == 1:
+    slots = write_index[:, None] + jnp.arange(steps)[None, :]
+  else:
+    slots = write_index
   return layer_cache.at[layer, rows, slots].set(new.astype(layer_cache.dtype), mode='drop')
 
 
@@ -252,7 +259,8 @@ def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, writ
     params: the parameter tree (docs/engine.md §1), without the {'params': ...} wrapper.
     tokens: [B, T] int32. positions: [B, T] int32 (rotary positions).
     cache: KVCache with k, v [L, B, S, KVH, D].
-    write_index: [B] int32; row b's new keys/values go to slots write_index[b] + t.
+    write_index: [B] int32, row b's new keys/values go to slots write_index[b] + t; or
+      [B, T] int32, an explicit slot for each new token (tree and stream layouts).
     attn_mask: [B, T, S] bool; True where query t of row b may read slot s (after the
       write, so it must include the new token's own slot).
   Returns:
