@@ -470,6 +470,19 @@ def _check_params_match_config(params, config):
                        f"implies {struct.dtype}{list(struct.shape)}")
 
 
+def _checkpointer(save_bytes=None, restore_bytes=None):
+  """A synchronous orbax PyTree checkpointer with bounded host transfers.
+
+  save_bytes: at most this many bytes in flight from devices to host while saving;
+  restore_bytes: at most this many bytes read at once while restoring. Each must exceed
+  the largest single array, so callers pass twice the largest leaf.
+  """
+  handler = ocp.PyTreeCheckpointHandler(
+      save_device_host_concurrent_gb=save_bytes and save_bytes / 1e9,
+      restore_concurrent_gb=restore_bytes and restore_bytes / 1e9)
+  return ocp.Checkpointer(handler)
+
+
 def save_params(params, directory, config):
   """Writes `params` and `config` as an orbax checkpoint directory, atomically.
 
@@ -486,10 +499,10 @@ def save_params(params, directory, config):
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.partial-", dir=parent)
+  largest = max(leaf.nbytes for leaf in jax.tree.leaves(params))
   try:
-    with ocp.StandardCheckpointer() as checkpointer:
-      checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
-      checkpointer.wait_until_finished()
+    with _checkpointer(save_bytes=2 * largest + 1) as checkpointer:
+      checkpointer.save(os.path.join(staging, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     with open(os.path.join(staging, CONFIG_FILE), "w") as f:
       f.write(config.to_json())
     os.rename(staging, directory)
@@ -528,6 +541,9 @@ def restore_params(directory, config=None, shardings=None):
   target = traverse_util.unflatten_dict({
       path: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=flat_shardings[path])
       for path, s in flat_shapes.items()})
-  with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR),
-                                target)
+  largest = max(s.size * s.dtype.itemsize for s in flat_shapes.values())
+  with _checkpointer(restore_bytes=2 * largest + 1) as checkpointer:
+    return checkpointer.restore(
+        os.path.join(os.path.abspath(os.fspath(directory)), PARAMS_DIR),
+        args=ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))

@@ -293,3 +293,28 @@ def test_sharded_load_and_restore_on_four_cpu_devices(tiny_hf_checkpoint, tmp_pa
       capture_output=True, text=True, env=env, timeout=300,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def run_convert_script(*args):
+  script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "convert_checkpoint.py")
+  return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                        timeout=300)
+
+
+def test_convert_checkpoint_script(tiny_hf_checkpoint, tmp_path):
+  hf_dir, model = tiny_hf_checkpoint(tie=True)
+  output = tmp_path / "ckpt"
+  result = run_convert_script(f"--hf_dir={hf_dir}", f"--output={output}", "--dtype=float32",
+                              "--scan_layers=false")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"wrote {output}: " in result.stdout and "peak RSS" in result.stdout
+  config = convert.load_config(output)
+  assert not config.scan_layers and config.param_dtype == "float32"
+  assert_params_equal(convert.restore_params(output), expected_unrolled_params(model),
+                      config.num_layers)
+
+  again = run_convert_script(f"--hf_dir={hf_dir}", f"--output={output}")
+  assert again.returncode == 1 and "already exists" in again.stderr
+  both = run_convert_script(f"--hf_dir={hf_dir}", "--gguf=x.gguf", f"--output={tmp_path}/b")
+  assert both.returncode == 1 and "give exactly one of --hf_dir and --gguf" in both.stderr
