@@ -62,8 +62,20 @@ def _check_flags():
     raise InputError(f'--batch_size must be >= 1, got {FLAGS.batch_size}')
   if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
     raise InputError(f'--num_examples must be >= 1 or -1 (all), got {FLAGS.num_examples}')
-  if FLAGS.output and os.path.isdir(FLAGS.output):
-    raise InputError(f'--output {FLAGS.output} is a directory, not a file')
+  _check_output_location(FLAGS.output)
+
+
+def _check_output_location(path):
+  """InputError unless `path` names a file that exists or can be created."""
+  if not path:
+    raise InputError('--output must name a results file')
+  if os.path.isdir(path):
+    raise InputError(f'--output {path} is a directory, not a file')
+  folder = os.path.dirname(os.path.abspath(path))
+  while not os.path.exists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise InputError(f'--output {path}: {folder} is not a directory')
 
 
 def main(argv):
