@@ -53,11 +53,14 @@ def assert_params_equal(params, expected_flat, num_layers):
                                   err_msg="/".join(path))
 
 
-@pytest.mark.parametrize("torch_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("torch_dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_hf_to_params_to_orbax_round_trip(tiny_hf_checkpoint, tmp_path, torch_dtype,
                                           scan_layers):
   hf_dir, model = tiny_hf_checkpoint(num_heads=4, num_kv_heads=2, torch_dtype=torch_dtype)
+  stored_dtype = convert.read_safetensors_header(hf_dir / "model.safetensors")[
+      "model.embed_tokens.weight"][0]
+  assert stored_dtype.name == torch_dtype
   dtype = "bfloat16" if torch_dtype == "bfloat16" else "float32"
   config, params = convert.load_hf_dir(hf_dir, dtype=dtype, scan_layers=scan_layers)
   assert (config.num_heads, config.num_kv_heads, config.rope_theta) == (4, 2, 1000.0)
