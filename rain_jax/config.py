@@ -1,0 +1,90 @@
+"""RAIN search settings: one frozen dataclass, built from flags or by hand."""
+import dataclasses
+
+# Per-task constants of the reference (rain-reference.md §2, §3, §4).
+TASK_DEFAULTS = {
+    'hh': dict(min_T=6),
+    'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2),
+    'truth': dict(min_T=16, rollout_stops_at_clause_end=False),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RainConfig:
+  """Settings of the search (defaults: the reference's HH constants).
+
+  Reference constants: max_T, min_T, value_threshold (Vt), c_puct, num_candidates (k),
+  sample_top (top-15 sampling), max_children, maxlen, sim_threshold, sim_weight,
+  var_scale, propose_temperature, sample_attempts_factor (k-1 or 2k-1 attempts),
+  rollout_stops_at_clause_end, similarity.
+
+  Array capacities (not in the reference, which has unbounded Python structures; each
+  limit that is reached is counted in the output, never silent):
+    max_new_tokens: generated tokens per prompt; acts as maxlen = prompt + max_new - 1.
+    num_nodes: tree nodes per prompt (children that do not fit count as overflows).
+    max_depth: selection depth below the root; a leaf that deep is not expanded.
+    max_rollout: rollout tokens; a rollout cut there counts as a truncation.
+  Non-reference options: parallel_leaves (virtual loss, P leaves per step; 1 = reference).
+  """
+  max_T: int = 50
+  min_T: int = 6
+  value_threshold: float = 0.8
+  c_puct: float = 2.0
+  num_candidates: int = 10
+  sample_top: int = 15
+  max_children: int = 20
+  max_tokens_per_node: int = 10
+  maxlen: int = 2048
+  sim_threshold: float = 0.95
+  sim_weight: float = 0.2
+  var_scale: float = 0.03
+  propose_temperature: float = 1.0
+  sample_attempts_factor: int = 1
+  rollout_stops_at_clause_end: bool = True
+  similarity: bool = True
+  max_new_tokens: int = 128
+  num_nodes: int = 1024
+  max_depth: int = 8
+  max_rollout: int = 64
+  feed_chunk: int = 16
+  parallel_leaves: int = 1
+  seed: int = 0
+
+  def __post_init__(self):
+    positive = ('max_T', 'num_candidates', 'sample_top', 'max_children',
+                'max_tokens_per_node', 'maxlen', 'sample_attempts_factor', 'max_new_tokens',
+                'num_nodes', 'max_depth', 'max_rollout', 'feed_chunk', 'parallel_leaves')
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise ValueError(f'RainConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if self.min_T < 0:
+      raise ValueError(f'RainConfig.min_T must be >= 0, got {self.min_T}')
+    if self.propose_temperature <= 0:
+      raise ValueError(f'propose_temperature must be > 0, got {self.propose_temperature}')
+    if self.sample_top > self.max_children:
+      raise ValueError(f'sample_top={self.sample_top} must be <= max_children='
+                       f'{self.max_children} (widening samples from the stored top logits)')
+    if self.num_candidates > self.max_children:
+      raise ValueError(f'num_candidates={self.num_candidates} must be <= max_children='
+                       f'{self.max_children}')
+    if self.parallel_leaves != 1:
+      raise ValueError('parallel_leaves > 1 (virtual loss) is not implemented yet; only '
+                       'the reference mode (1) is available')
+
+  def replace(self, **changes):
+    return dataclasses.replace(self, **changes)
+
+  @property
+  def sample_attempts(self) -> int:
+    """Sampling attempts per multi-token proposal (k-1; adv 2k-1)."""
+    return self.sample_attempts_factor * self.num_candidates - 1
+
+  @property
+  def widen_attempts(self) -> int:
+    """Sampling attempts when widening (k = 2: one sample; adv three)."""
+    return self.sample_attempts_factor * 2 - 1
+
+
+def for_task(task: str, **overrides) -> RainConfig:
+  """The reference constants of `task` (hh, adv, truth), then `overrides`."""
+  return RainConfig(**{**TASK_DEFAULTS.get(task, {}), **overrides})
