@@ -1,0 +1,137 @@
+"""The JAX search against the plain-Python oracle, driving the same scripted fakes.
+
+Both sides draw every random number from the same counters (docs/engine.md §3), so
+they must commit exactly the same token sets, run the same simulations per commit and
+leave the same statistics on the root's children.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rain_jax import search
+from rain_jax.config import RainConfig
+from tests import fake_jax
+from tests.oracle import fake_lm
+from tests.oracle import rain_reference as ref
+
+MAX_NEW = 12
+JUDGE = fake_jax.ScriptedJudge()
+_SEARCHERS = {}
+
+
+def _searcher(lm, prompt_width, **overrides):
+  fns, _ = fake_jax.bigram_model(lm)
+  cfg = RainConfig(max_T=overrides.pop('max_T', 16), min_T=overrides.pop('min_T', 3),
+                   max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8, max_rollout=48,
+                   **overrides)
+  key = (lm.vocab_size, lm.embedding_table.shape[1], prompt_width, cfg)
+  if key not in _SEARCHERS:
+    _SEARCHERS[key] = search.Searcher(fns, JUDGE, cfg, prompt_width)
+  searcher = _SEARCHERS[key]
+  searcher.model = fns  # same shapes: reuse the compiled program with this model's tables
+  return searcher, cfg
+
+
+def run_jax(lm, prompts, judge_kwargs, seeds, **overrides):
+  width = max(len(p) for p in prompts)
+  searcher, cfg = _searcher(lm, width, **overrides)
+  _, params = fake_jax.bigram_model(lm)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  out = searcher.generate(params, fake_jax.tables_for(lm), jnp.asarray(tokens),
+                          jnp.asarray([len(p) for p in prompts], jnp.int32),
+                          jnp.asarray(seeds, jnp.uint32),
+                          fake_jax.judge_inputs(batch=len(prompts), **judge_kwargs))
+  return jax.device_get(out), cfg
+
+
+def run_oracle(lm, prompt, judge_kwargs, seed, cfg):
+  judge = (fake_lm.ConstantJudge(judge_kwargs['constant']) if 'constant' in judge_kwargs
+           else fake_lm.HarmfulTokenJudge(judge_kwargs['harmful']))
+  settings = ref.Settings(max_T=cfg.max_T, min_T=cfg.min_T, maxlen=len(prompt) + MAX_NEW - 1,
+                          seed=seed, propose_temperature=cfg.propose_temperature,
+                          sample_attempts_factor=cfg.sample_attempts_factor,
+                          rollout_stops_at_clause_end=cfg.rollout_stops_at_clause_end)
+  return ref.rain_generate(tuple(prompt), lm, judge, settings)
+
+
+ORACLE_TO_JAX_REASON = {'eos': 'eos', 'turn_marker': 'turn_marker', 'maxlen': 'max_new_tokens',
+                        'no_children': 'no_children'}
+
+
+def assert_same(out, row, result):
+  n = out['answer_len'][row]
+  assert tuple(out['answer'][row, :n]) == tuple(result.tokens)
+  assert search.STOP_REASONS[out['stop_reason'][row]] == ORACLE_TO_JAX_REASON[result.stop_reason]
+  commits = out['stats']['committed_sets'][row]
+  assert commits == len(result.commits)
+  assert out['stats']['simulations'][row] == result.simulations
+  assert out['stats']['early_stops'][row] == result.early_stops
+  for i, commit in enumerate(result.commits):
+    assert out['dump_sims'][row, i] == commit.simulations
+    kids = out['dump_tokens'][row, i]
+    stats = out['dump_stats'][row, i]
+    assert int(np.sum(kids[:, 0] >= 0)) == len(commit.children)
+    for j, child in enumerate(commit.children):
+      assert tuple(kids[j, :len(child.tokens)]) == child.tokens
+      np.testing.assert_allclose(stats[j], [child.n, child.fn, child.q, child.p],
+                                 rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('lm_seed', [0, 1, 2])
+def test_random_bigram_with_harmful_token_judge(lm_seed):
+  lm = fake_lm.random_bigram_lm(16, 8, seed=lm_seed, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5)
+  prompt = [3, 4, 6]
+  out, cfg = run_jax(lm, [prompt], {'harmful': 5}, [lm_seed])
+  assert_same(out, 0, run_oracle(lm, prompt, {'harmful': 5}, lm_seed, cfg))
+
+
+def test_constant_judge_runs_the_full_budget_each_step():
+  lm = fake_lm.random_bigram_lm(16, 8, seed=7, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5)
+  prompt = [3, 9]
+  out, cfg = run_jax(lm, [prompt], {'constant': 0.0}, [3])
+  result = run_oracle(lm, prompt, {'constant': 0.0}, 3, cfg)
+  assert_same(out, 0, result)
+  assert result.commits[0].simulations == cfg.max_T
+  assert result.early_stops == 0
+
+
+def test_widening_on_alike_bad_children_matches_oracle():
+  """All tokens share one vector and the judge says -1: every visited node with two or
+  more children is widened (one-token at the root, multi-token below)."""
+  rng = np.random.default_rng(11)
+  logits = rng.normal(0, 1.5, (16, 16)).astype(np.float32)
+  lm = fake_lm.BigramLM(logits, np.ones((16, 8), np.float32), eos_id=1, clause_end_ids=(2,))
+  prompt = [3, 4]
+  out, cfg = run_jax(lm, [prompt], {'constant': -1.0}, [5], max_T=12)
+  result = run_oracle(lm, prompt, {'constant': -1.0}, 5, cfg)
+  assert_same(out, 0, result)
+  assert max(len(c.children) for c in result.commits) > cfg.num_candidates  # widened
+
+
+def test_rain_avoids_harmful_token_that_greedy_emits():
+  # Greedy path from token 3: 3 -> 5 (harmful) -> 2 (clause end) ...; 3 -> 6 is close.
+  prefs = {3: {5: 3.0, 6: 2.5, 7: 1.0}, 5: {2: 3.0}, 6: {2: 3.0}, 7: {2: 3.0},
+           2: {1: 4.0}}
+  lm = fake_lm.BigramLM(fake_lm.bigram_logits(12, prefs), np.eye(12, 8, dtype=np.float32),
+                        eos_id=1, clause_end_ids=(2,))
+  prompt = [4, 3]
+  assert 5 in ref.vanilla_greedy(tuple(prompt), lm, MAX_NEW, ref.Settings())
+  out, cfg = run_jax(lm, [prompt], {'harmful': 5}, [0])
+  answer = list(out['answer'][0, :out['answer_len'][0]])
+  assert 5 not in answer
+  assert_same(out, 0, run_oracle(lm, prompt, {'harmful': 5}, 0, cfg))
+
+
+def test_batch_equals_rows_one_by_one_and_oracle():
+  lm = fake_lm.random_bigram_lm(16, 8, seed=4, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5, turn_marker_id=9)
+  prompts = [[3, 4, 6], [7, 8], [10, 11, 12]]
+  seeds = [1, 2, 3]
+  batched, cfg = run_jax(lm, prompts, {'harmful': 5}, seeds)
+  for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
+    assert_same(batched, row, run_oracle(lm, prompt, {'harmful': 5}, seed, cfg))
