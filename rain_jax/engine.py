@@ -4,6 +4,7 @@
 bucketed (multiples of 64) and short batches padded to the batch size, so a run compiles
 once per bucket; compile time is measured apart from run time.
 """
+import dataclasses
 import time
 
 import jax
@@ -119,3 +120,146 @@ class VanillaRunner:
                        'top_p': self.sampling.top_p},
       })
     return records
+
+
+def llama_model_fns(config, mesh=None):
+  """search.ModelFns for a LLaMA config (the cache sharded over the mesh when given)."""
+  from models import llama
+  from rain_jax import search
+
+  def init_cache(batch, slots):
+    cache = llama.init_cache(config, batch, slots)
+    if mesh is not None:
+      shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+      cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(mesh, shape))
+    return cache
+
+  def forward(params, tokens, positions, cache, write_index, mask):
+    return llama.forward(config, params, tokens, positions, cache, write_index, mask)
+
+  return search.ModelFns(forward=forward, init_cache=init_cache,
+                         vocab_size=config.vocab_size, hidden_size=config.hidden_size)
+
+
+class RainRunner:
+  """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
+
+  def __init__(self, model, mesh, task, rain_config, dump_tree=False):
+    from models.tokenizer import token_tables
+    from rain_jax import search
+    self.model = model
+    self.mesh = mesh
+    self.task = task
+    self.cfg = rain_config
+    self.dump_tree = dump_tree
+    tok = model.tokenizer
+    tables = token_tables(tok)
+    vocab = model.config.vocab_size
+    clause_end = np.zeros((vocab,), bool)
+    clause_end[:tables.clause_end.shape[0]] = tables.clause_end
+    stops = encode_stop_sequences(tok, task.turn_marker) if task.turn_marker else []
+    self.tables = search.SearchTables(
+        clause_end=jnp.asarray(clause_end),
+        stop_sequences=generate.right_align_stop_sequences(stops or [[]]),
+        eos_id=jnp.int32(tok.eos_id))
+    self.label_a, self.label_b = tables.label_a, tables.label_b
+    self.suffixes = tuple(tuple(tok.encode(s)) for s in task.judge_suffixes())
+    self.fns = llama_model_fns(model.config, mesh)
+    self._searchers = {}
+
+  def encode(self, examples):
+    return encode_prompts(self.model.tokenizer, self.model.config, examples,
+                          self.cfg.max_new_tokens)
+
+  def _judge_prompts(self, examples):
+    """Token ids of each example's judge prompt (f2 + conversation start)."""
+    tok = self.model.tokenizer
+    return [tok.encode(self.task.judge_prefix(ex), add_bos=tok.adds_bos) for ex in examples]
+
+  def _searcher(self, prompt_width, judge_width):
+    from rain_jax import search
+    from rain_jax.judge import ABJudge
+    key = (prompt_width, judge_width)
+    if key not in self._searchers:
+      layout = search.Layout(self.cfg, prompt_width)
+      chunk = self.cfg.feed_chunk
+      content_cap = -(-(layout.path_cap + self.cfg.max_rollout) // chunk) * chunk
+      judge = ABJudge(model=self.fns, suffixes=self.suffixes, label_a=self.label_a,
+                      label_b=self.label_b, prefix_width=judge_width,
+                      answer_cap=layout.answer_cap, content_cap=content_cap, chunk=chunk)
+      self._searchers[key] = [search.Searcher(self.fns, judge, self.cfg, prompt_width), None]
+    return self._searchers[key]
+
+  def run_batch(self, batch, batch_size):
+    """batch: list of (Example, prompt ids) -> one record per example."""
+    from rain_jax import search
+    examples = [ex for ex, _ in batch]
+    config = self.model.config
+    width = min(bucket(max(len(ids) for _, ids in batch)), config.max_seq_len - 1)
+    judge_rows = self._judge_prompts(examples)
+    judge_width = bucket(max(len(r) for r in judge_rows))
+    tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
+    judge_tokens, judge_lens = pad_batch(judge_rows, batch_size, judge_width)
+    seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
+                     + [0] * (batch_size - len(examples)), np.uint32)
+    entry = self._searcher(width, judge_width)
+    args = (self.model.params, self.tables, jnp.asarray(tokens), jnp.asarray(lengths),
+            jnp.asarray(seeds), {'tokens': jnp.asarray(judge_tokens),
+                                 'lens': jnp.asarray(judge_lens)})
+    compile_seconds = 0.0
+    if entry[1] is None:
+      t0 = time.time()
+      entry[1] = entry[0].generate.lower(*args).compile()
+      compile_seconds = time.time() - t0
+    t0 = time.time()
+    out = jax.device_get(entry[1](*args))
+    seconds = time.time() - t0
+    records = []
+    tok = self.model.tokenizer
+    for i, (ex, ids) in enumerate(batch):
+      n = int(out['answer_len'][i])
+      new_ids = [int(t) for t in out['answer'][i, :n]]
+      reason = search.STOP_REASONS[int(out['stop_reason'][i])]
+      text_ids = [t for t in new_ids if t != tok.eos_id]
+      text = tok.decode(text_ids, skip_special_tokens=True)
+      stats = {k: int(v[i]) for k, v in out['stats'].items()}
+      record = {
+          'id': ex.id, 'task': self.task.name, 'method': 'rain', 'prompt': ex.prompt,
+          'question': ex.question, 'response': self.task.answer(text),
+          'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
+          'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
+          'batch_size': len(batch), 'compile_seconds': compile_seconds,
+          'seed': self.cfg.seed,
+          'search': {
+              'simulations': stats['simulations'],
+              'committed_sets': stats['committed_sets'],
+              'nodes_used': stats['nodes_used'],
+              'max_depth': stats['max_depth'],
+              'judge_calls': stats['judge_calls'],
+              'early_stops': stats['early_stops'],
+              'capacity_overflows': int(out['overflow'][i]),
+              'rollout_truncations': stats['rollout_truncations'],
+              'depth_limited': stats['depth_limited'],
+          },
+          'rain_config': dataclasses.asdict(self.cfg),
+      }
+      if self.dump_tree:
+        record['tree_dump'] = self._dump(out, i, stats['committed_sets'])
+      records.append(record)
+    return records
+
+  def _dump(self, out, row, commits):
+    """Root children statistics at every commit (like the original's per-step dump)."""
+    tok = self.model.tokenizer
+    steps = []
+    for c in range(commits):
+      children = []
+      for j in range(self.cfg.max_children):
+        ids = [int(t) for t in out['dump_tokens'][row, c, j] if t >= 0]
+        if not ids:
+          continue
+        n, fn, q, p = (float(x) for x in out['dump_stats'][row, c, j])
+        children.append({'tokens': ids, 'text': tok.decode(ids), 'n': n, 'fn': int(fn),
+                         'q': q, 'p': p})
+      steps.append({'simulations': int(out['dump_sims'][row, c]), 'children': children})
+    return steps

@@ -36,13 +36,34 @@ flags.DEFINE_string('turn_marker', None, 'custom: text that ends an answer (opti
 flags.DEFINE_integer('start', 0, 'First example index.')
 flags.DEFINE_integer('num_examples', 5, 'How many examples (-1: all).')
 # Decoding.
-flags.DEFINE_enum('method', 'vanilla', ['vanilla'], 'Decoding method.')
+flags.DEFINE_enum('method', 'vanilla', ['vanilla', 'rain', 'both'], 'Decoding method.')
 flags.DEFINE_integer('max_new_tokens', 128, 'New tokens per answer at most.')
 flags.DEFINE_integer('batch_size', 8, 'Prompts decoded together.')
 flags.DEFINE_integer('seed', 0, 'Run seed (mixed with each example index).')
 flags.DEFINE_float('temperature', 0.0, 'Vanilla sampling temperature; 0 = greedy.')
 flags.DEFINE_integer('top_k', 0, 'Vanilla top-k (0 = off).')
 flags.DEFINE_float('top_p', 1.0, 'Vanilla nucleus top-p (1 = off).')
+# RAIN (reference constants per task unless set; see rain_jax/config.py).
+flags.DEFINE_integer('max_T', None, 'Simulations per committed set (reference 50).')
+flags.DEFINE_integer('min_T', None, 'Early stop needs the best child to have fn > min_T.')
+flags.DEFINE_float('value_threshold', None, 'Early stop needs the best child q > this (Vt).')
+flags.DEFINE_float('c_puct', None, 'PUCT exploration constant (reference 2).')
+flags.DEFINE_integer('num_candidates', None, 'Candidates per expansion (k, reference 10).')
+flags.DEFINE_integer('max_children', None, 'Children per node at most (reference 20).')
+flags.DEFINE_enum('similarity', 'mean_hidden', ['mean_hidden', 'none'],
+                  'Similarity sharing: mean of the policy\'s final hidden states over the '
+                  'judged text, or off.')
+flags.DEFINE_float('sim_threshold', None, 'Cosine threshold of similarity sharing (0.95).')
+flags.DEFINE_float('sim_weight', None, 'Weight of similarity sharing (0.2).')
+flags.DEFINE_enum('rain_mode', 'reference', ['reference'],
+                  'reference: the original algorithm step for step.')
+flags.DEFINE_integer('parallel_leaves', 1, 'Leaves judged per step (virtual loss); 1 = '
+                     'reference.')
+flags.DEFINE_integer('num_nodes', None, 'Tree capacity per prompt.')
+flags.DEFINE_integer('max_depth', None, 'Selection depth cap below the root.')
+flags.DEFINE_integer('max_rollout', None, 'Rollout length cap (tokens).')
+flags.DEFINE_bool('dump_tree', False, 'Add the root children statistics at every commit '
+                  'to each RAIN record ("tree_dump").')
 # Output.
 flags.DEFINE_string('output', 'out/results.jsonl', 'JSONL results file (appended).')
 flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'rain_jax', 'xla'),
@@ -78,6 +99,18 @@ def _check_output_location(path):
     raise InputError(f'--output {path}: {folder} is not a directory')
 
 
+def rain_config_from_flags():
+  """RainConfig: the task's reference constants, then any RAIN flag the user set."""
+  from rain_jax import config
+  names = ('max_T', 'min_T', 'value_threshold', 'c_puct', 'num_candidates', 'max_children',
+           'sim_threshold', 'sim_weight', 'num_nodes', 'max_depth', 'max_rollout',
+           'parallel_leaves')
+  overrides = {n: getattr(FLAGS, n) for n in names if getattr(FLAGS, n) is not None}
+  overrides.update(max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
+                   similarity=FLAGS.similarity != 'none')
+  return config.for_task(FLAGS.task, **overrides)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
@@ -110,25 +143,33 @@ def _run():
                              hf_dir=FLAGS.hf_dir, gguf_path=FLAGS.gguf,
                              tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
                              scan_layers=FLAGS.scan_layers, mesh=mesh)
-  runner = engine.VanillaRunner(model, mesh, task,
-                                max_new_tokens=FLAGS.max_new_tokens,
-                                temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                top_p=FLAGS.top_p, seed=FLAGS.seed)
-  encoded = runner.encode(examples)  # raises on prompts longer than the context
+  runners = {}
+  if FLAGS.method in ('vanilla', 'both'):
+    runners['vanilla'] = engine.VanillaRunner(model, mesh, task,
+                                              max_new_tokens=FLAGS.max_new_tokens,
+                                              temperature=FLAGS.temperature,
+                                              top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                                              seed=FLAGS.seed)
+  if FLAGS.method in ('rain', 'both'):
+    runners['rain'] = engine.RainRunner(model, mesh, task, rain_config_from_flags(),
+                                        dump_tree=FLAGS.dump_tree)
+  # Every input is checked (prompt lengths included) before the output is touched.
+  encoded = next(iter(runners.values())).encode(examples)
   done = results.done_keys(FLAGS.output)
-  todo = [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, 'vanilla') not in done]
-  if len(todo) < len(examples):
-    logging.info('%d of %d prompts already answered in %s', len(examples) - len(todo),
-                 len(examples), FLAGS.output)
   with results.ResultWriter(FLAGS.output) as writer:
-    for start in range(0, len(todo), FLAGS.batch_size):
-      batch = todo[start:start + FLAGS.batch_size]
-      t0 = time.time()
-      for record in runner.run_batch(batch, FLAGS.batch_size):
-        record['model'] = model.name
-        writer.write(record)
-        print(f"[{record['id']}] {record['response'][:200]!r}", file=sys.stderr)
-      logging.info('batch of %d in %.1f s', len(batch), time.time() - t0)
+    for method, runner in runners.items():
+      todo = [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done]
+      if len(todo) < len(examples):
+        logging.info('%s: %d of %d prompts already answered in %s', method,
+                     len(examples) - len(todo), len(examples), FLAGS.output)
+      for start in range(0, len(todo), FLAGS.batch_size):
+        batch = todo[start:start + FLAGS.batch_size]
+        t0 = time.time()
+        for record in runner.run_batch(batch, FLAGS.batch_size):
+          record['model'] = model.name
+          writer.write(record)
+          print(f"[{method} {record['id']}] {record['response'][:200]!r}", file=sys.stderr)
+        logging.info('%s: batch of %d in %.1f s', method, len(batch), time.time() - t0)
 
 
 if __name__ == '__main__':

@@ -82,7 +82,7 @@ class SearchState:
 
 
 STAT_NAMES = ('simulations', 'committed_sets', 'judge_calls', 'early_stops',
-              'rollout_truncations', 'depth_limited', 'max_depth')
+              'rollout_truncations', 'depth_limited', 'max_depth', 'nodes_used')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,8 +325,11 @@ class Searcher:
                            tree.real_visits[rows[:, None], kid_safe].astype(jnp.float32),
                            tree.value[rows[:, None], kid_safe],
                            tree.prior[rows[:, None], kid_safe]], axis=-1)
+    kid_live = (jnp.arange(cfg.max_tokens_per_node)[None, None, :]
+                < tree.num_tokens[rows[:, None], kid_safe][..., None])
     dump_tokens = st.dump_tokens.at[rows, commit_idx].set(
-        jnp.where((ok[:, None] & has)[..., None], tree.tokens[rows[:, None], kid_safe], -1))
+        jnp.where((ok[:, None] & has)[..., None] & kid_live,
+                  tree.tokens[rows[:, None], kid_safe], -1))
     dump_stats = st.dump_stats.at[rows, commit_idx].set(
         jnp.where((ok[:, None] & has)[..., None], kid_stats, 0.0))
     dump_sims = st.dump_sims.at[rows, commit_idx].set(jnp.where(ok, st.step_sims, 0))
@@ -351,6 +354,7 @@ class Searcher:
     done = st.done | (reason != RUNNING)
     carried = new_tree.real_visits[rows, new_tree.root]
     stats = dict(st.stats)
+    stats['nodes_used'] = jnp.maximum(stats['nodes_used'], jnp.sum(tree.used, axis=1))
     stats['committed_sets'] = stats['committed_sets'] + ok
     stats['early_stops'] = stats['early_stops'] + (ok & st.early)
     return st.replace(
@@ -627,5 +631,4 @@ class Searcher:
     st = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, st)
     return dict(answer=st.answer, answer_len=st.answer_len, stop_reason=st.stop_reason,
                 stats=st.stats, dump_tokens=st.dump_tokens, dump_stats=st.dump_stats,
-                dump_sims=st.dump_sims, nodes_used=jnp.sum(st.tree.used, axis=1),
-                overflow=st.tree.overflow)
+                dump_sims=st.dump_sims, overflow=st.tree.overflow)

@@ -26,6 +26,26 @@ class Task(abc.ABC):
   def load_examples(self, start: int, num_examples: int) -> list[Example]:
     """Examples [start, start + num_examples) in dataset order (-1: to the end)."""
 
+  # Folder of rain_jax/data/prompts holding the judge prompts f2, r1, r2.
+  judge_prompts: str = 'HH'
+
+  def conversation_start(self, example: Example) -> str:
+    """The judged conversation's text before the answer: the prompt from its last turn
+    marker on (the few-shot prefix removed), or the whole prompt without a marker."""
+    if self.turn_marker and self.turn_marker in example.prompt:
+      return example.prompt[example.prompt.rindex(self.turn_marker):]
+    return example.prompt
+
+  def judge_prefix(self, example: Example) -> str:
+    """f2 + "\n\n" + conversation start (rain-reference.md §4.3)."""
+    return read_data_text('prompts', self.judge_prompts, 'f2.txt') + '\n\n' + \
+        self.conversation_start(example)
+
+  def judge_suffixes(self) -> tuple:
+    """("\n" + r1, "\n" + r2): the two option orders."""
+    return tuple('\n' + read_data_text('prompts', self.judge_prompts, name)
+                 for name in ('r1.txt', 'r2.txt'))
+
   def answer(self, generated_text: str) -> str:
     """The answer a reader sees: generated text cut before the turn marker, stripped."""
     if self.turn_marker and self.turn_marker in generated_text:
