@@ -359,6 +359,9 @@ def expand(tree: Tree, node, cand_tokens, cand_lens, cand_weights, cand_valid,
   Returns:
     The updated tree.
   """
+  cand_tokens, cand_lens = jnp.asarray(cand_tokens), jnp.asarray(cand_lens)
+  cand_weights, cand_valid = jnp.asarray(cand_weights), jnp.asarray(cand_valid, bool)
+  top_ids, top_logits = jnp.asarray(top_ids), jnp.asarray(top_logits)
   k = cand_tokens.shape[0]
   c, l = tree.max_children, tree.max_tokens
   if k > c:
@@ -369,7 +372,6 @@ def expand(tree: Tree, node, cand_tokens, cand_lens, cand_weights, cand_valid,
     _check_shape(name, array, (k,))
   _check_shape('top_ids', top_ids, (c,))
   _check_shape('top_logits', top_logits, (c,))
-  cand_valid = jnp.asarray(cand_valid, bool)
   priors = _priors_from_weights(tree, node, cand_weights, cand_valid)
   tree = _add_children(tree, node, cand_valid, cand_tokens, cand_lens, priors)
   order = jnp.nonzero(cand_valid, size=c, fill_value=k)[0]
@@ -485,6 +487,8 @@ def add_children_multi(tree: Tree, node, new_tokens, new_lens, new_weights,
   Returns:
     The updated tree.
   """
+  new_tokens, new_lens = jnp.asarray(new_tokens), jnp.asarray(new_lens)
+  new_weights, new_valid = jnp.asarray(new_weights), jnp.asarray(new_valid, bool)
   c, l = tree.max_children, tree.max_tokens
   _check_shape('new_tokens', new_tokens, (2, l))
   for name, array in (('new_lens', new_lens), ('new_weights', new_weights),
@@ -493,8 +497,7 @@ def add_children_multi(tree: Tree, node, new_tokens, new_lens, new_weights,
   tokens = jnp.concatenate([new_tokens, tree.cand_tokens[node]], axis=0)
   lens = jnp.concatenate([new_lens, tree.cand_lens[node]])
   weights = jnp.concatenate([new_weights, tree.cand_weights[node]])
-  valid = jnp.concatenate([jnp.asarray(new_valid, bool),
-                           jnp.arange(c) < tree.num_cands[node]])
+  valid = jnp.concatenate([new_valid, jnp.arange(c) < tree.num_cands[node]])
   total = c + 2
   order = jnp.nonzero(valid, size=total, fill_value=0)[0]
   count = jnp.sum(valid)
@@ -545,6 +548,7 @@ def backup(tree: Tree, path, path_len, value, path_embeddings, sim_threshold,
   Returns:
     The updated tree.
   """
+  path, path_embeddings = jnp.asarray(path), jnp.asarray(path_embeddings)
   d = path.shape[0]
   n = tree.num_nodes
   _check_shape('path_embeddings', path_embeddings, (d, tree.embed_dim))

@@ -205,6 +205,16 @@ def test_add_children_one_token_at_root():
   assert int(tree.step[3]) == 1
 
 
+def test_add_children_one_token_drops_zero_probability():
+  # exp(-300) underflows to 0 in float32: the third token is not a candidate.
+  top = (jnp.array([11, 12, 13, 14], jnp.int32), jnp.array([2.0, 1.0, -298.0, -299.0]))
+  tree = _expand(T.init_tree(6, C, L, E), 0, [[11], [12]], [0.7, 0.3], top=top)
+  tree = T.add_children_one_token(tree, 1)                 # no stored logits: no-op
+  assert _children(tree, 1) == []
+  widened = T.add_children_one_token(tree, 0)
+  assert _children(widened, 0) == [1, 2] and int(widened.overflow) == 0
+
+
 def test_add_children_multi_prepends_and_appends():
   tree = _expand(T.init_tree(8, C, L, E), 0, [[9]], [1.0])
   tree = _expand(tree, 1, [[1, 2], [3, 4], [5, 6]], [0.4, 0.2, 0.1])
