@@ -219,7 +219,7 @@ class Llama(nn.Module):
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, tokens, positions, cache, write_index, attn_mask):
+  def __call__(self, tokens, positions, cache, write_index, attn_mask, logits_index=None):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=as_dtype(c.dtype),
                      param_dtype=as_dtype(c.param_dtype),
@@ -240,19 +240,22 @@ class Llama(nn.Module):
     x, cache, _ = carry
     hidden = RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
                      name='final_norm')(x)
+    read = hidden
+    if logits_index is not None:
+      read = jnp.take_along_axis(hidden, logits_index[..., None], axis=1)
     if c.tie_embeddings:
       table = embed.variables['params']['embedding'].astype(hidden.dtype)
-      logits = jnp.einsum('bth,vh->btv', hidden, table, preferred_element_type=jnp.float32)
+      logits = jnp.einsum('bth,vh->btv', read, table, preferred_element_type=jnp.float32)
     else:
       kernel = self.param('lm_head', nn.initializers.normal(0.02),
                           (c.hidden_size, c.vocab_size), as_dtype(c.param_dtype))
-      logits = jnp.einsum('bth,hv->btv', hidden, kernel.astype(hidden.dtype),
+      logits = jnp.einsum('bth,hv->btv', read, kernel.astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
     return logits, hidden, cache
 
 
 def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, write_index,
-            attn_mask):
+            attn_mask, logits_index=None):
   """One forward pass over T new tokens per row, reading and writing the cache.
 
   Args:
@@ -263,11 +266,14 @@ def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, writ
       [B, T] int32, an explicit slot for each new token (tree and stream layouts).
     attn_mask: [B, T, S] bool; True where query t of row b may read slot s (after the
       write, so it must include the new token's own slot).
+    logits_index: optional [B, K] int32: compute logits only at these token indices
+      (saves the vocabulary projection of positions nobody reads).
   Returns:
-    logits [B, T, V] float32, hidden [B, T, H] (after the final norm), updated cache.
+    logits [B, T, V] float32 ([B, K, V] with logits_index), hidden [B, T, H] (after the
+    final norm), updated cache.
   """
   return Llama(config).apply({'params': params}, tokens, positions, cache, write_index,
-                             attn_mask)
+                             attn_mask, logits_index)
 
 
 def init_params(config: LlamaConfig, rng):

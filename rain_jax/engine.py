@@ -134,8 +134,9 @@ def llama_model_fns(config, mesh=None):
       cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(mesh, shape))
     return cache
 
-  def forward(params, tokens, positions, cache, write_index, mask):
-    return llama.forward(config, params, tokens, positions, cache, write_index, mask)
+  def forward(params, tokens, positions, cache, write_index, mask, logits_index=None):
+    return llama.forward(config, params, tokens, positions, cache, write_index, mask,
+                         logits_index)
 
   return search.ModelFns(forward=forward, init_cache=init_cache,
                          vocab_size=config.vocab_size, hidden_size=config.hidden_size)
@@ -153,7 +154,10 @@ class RainRunner:
     self.cfg = rain_config
     self.dump_tree = dump_tree
     tok = model.tokenizer
-    tables = token_tables(tok)
+    try:
+      tables = token_tables(tok)
+    except ValueError as e:
+      raise ValueError(f'the tokenizer cannot serve the {task.name} judge: {e}') from None
     vocab = model.config.vocab_size
     clause_end = np.zeros((vocab,), bool)
     clause_end[:tables.clause_end.shape[0]] = tables.clause_end
@@ -163,7 +167,11 @@ class RainRunner:
         stop_sequences=generate.right_align_stop_sequences(stops or [[]]),
         eos_id=jnp.int32(tok.eos_id))
     self.label_a, self.label_b = tables.label_a, tables.label_b
+    self.yes_ids = tuple(int(i) for i in tables.yes_ids)
+    self.no_ids = tuple(int(i) for i in tables.no_ids)
     self.suffixes = tuple(tuple(tok.encode(s)) for s in task.judge_suffixes())
+    if task.judge_kind not in ('ab', 'yes_no'):
+      raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.fns = llama_model_fns(model.config, mesh)
     self._searchers = {}
 
@@ -176,17 +184,27 @@ class RainRunner:
     tok = self.model.tokenizer
     return [tok.encode(self.task.judge_prefix(ex), add_bos=tok.adds_bos) for ex in examples]
 
+  def _judge(self, judge_width, answer_cap, content_cap):
+    """The self-evaluation the task asks for (task.judge_kind): ABJudge or YesNoJudge."""
+    from rain_jax import judge
+    sizes = dict(model=self.fns, prefix_width=judge_width, answer_cap=answer_cap,
+                 content_cap=content_cap, chunk=self.cfg.feed_chunk)
+    if self.task.judge_kind == 'yes_no':
+      return judge.YesNoJudge(
+          suffix=self.suffixes[0], yes_ids=self.yes_ids, no_ids=self.no_ids,
+          period=judge.period_table(self.model.tokenizer, self.model.config.vocab_size),
+          **sizes)
+    return judge.ABJudge(suffixes=self.suffixes, label_a=self.label_a, label_b=self.label_b,
+                         **sizes)
+
   def _searcher(self, prompt_width, judge_width):
     from rain_jax import search
-    from rain_jax.judge import ABJudge
     key = (prompt_width, judge_width)
     if key not in self._searchers:
       layout = search.Layout(self.cfg, prompt_width)
       chunk = self.cfg.feed_chunk
       content_cap = -(-(layout.path_cap + self.cfg.max_rollout) // chunk) * chunk
-      judge = ABJudge(model=self.fns, suffixes=self.suffixes, label_a=self.label_a,
-                      label_b=self.label_b, prefix_width=judge_width,
-                      answer_cap=layout.answer_cap, content_cap=content_cap, chunk=chunk)
+      judge = self._judge(judge_width, layout.answer_cap, content_cap)
       self._searchers[key] = [search.Searcher(self.fns, judge, self.cfg, prompt_width), None]
     return self._searchers[key]
 

@@ -35,11 +35,11 @@ def prefill(config, params, tokens, lengths, cache):
   batch, num_tokens = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
   mask = prefill_mask(lengths, num_tokens, cache.max_len)
-  logits, hidden, cache = llama.forward(config, params, tokens, positions, cache,
-                                        jnp.zeros((batch,), jnp.int32), mask)
   last = (lengths - 1)[:, None]
-  return (jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0],
-          jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0], cache)
+  logits, hidden, cache = llama.forward(config, params, tokens, positions, cache,
+                                        jnp.zeros((batch,), jnp.int32), mask,
+                                        logits_index=last)
+  return logits[:, 0], jnp.take_along_axis(hidden, last[:, :, None], axis=1)[:, 0], cache
 
 
 def decode(config, params, tokens, positions, cache):

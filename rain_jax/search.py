@@ -38,7 +38,8 @@ class ModelFns:
   """How the search calls a language model (hashable by identity: a static jit arg).
 
   forward(params, tokens [B,T], positions [B,T], cache, write_index [B] or [B,T],
-          mask [B,T,S]) -> (logits [B,T,V] f32, hidden [B,T,H], cache)
+          mask [B,T,S], logits_index=None [B,K]) -> (logits [B,T,V] f32 (or [B,K,V] at
+          logits_index), hidden [B,T,H], cache)
   init_cache(batch, slots) -> cache
   """
   forward: Callable
@@ -196,13 +197,13 @@ def feed_tokens(model, params, cache, tokens, lengths, base, start_pos, context,
     fed = ((slot_ids[None, None, :] >= base[:, None, None])
            & (slot_ids[None, None, :] <= write[:, :, None]))               # [B, T, S]
     mask = context[:, None, :] | fed
-    logits, h, cache = model.forward(params, toks, positions, cache, write, mask)
-    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
-                                                 axis=1)
     last = lengths - 1 - c * chunk
     here = (last >= 0) & (last < chunk)
-    picked = jnp.take_along_axis(logits, jnp.clip(last, 0, chunk - 1)[:, None, None],
-                                 axis=1)[:, 0]
+    logits, h, cache = model.forward(params, toks, positions, cache, write, mask,
+                                     logits_index=jnp.clip(last, 0, chunk - 1)[:, None])
+    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
+                                                 axis=1)
+    picked = logits[:, 0]
     last_logits = jnp.where(here[:, None], picked, last_logits)
     return c + 1, cache, hidden, last_logits
 

@@ -13,8 +13,9 @@ from rain_jax.generate import right_align_stop_sequences
 
 def bigram_model(lm):
   """ModelFns + params for a tests.oracle.fake_lm.BigramLM."""
-  def forward(params, tokens, positions, cache, write_index, mask):
-    return params['logits'][tokens], params['emb'][tokens], cache
+  def forward(params, tokens, positions, cache, write_index, mask, logits_index=None):
+    read = tokens if logits_index is None else jnp.take_along_axis(tokens, logits_index, 1)
+    return params['logits'][read], params['emb'][tokens], cache
   fns = search.ModelFns(forward=forward, init_cache=lambda batch, slots: jnp.zeros((batch, 1)),
                         vocab_size=lm.vocab_size, hidden_size=lm.embedding_table.shape[1])
   params = {'logits': jnp.asarray(lm.logits_table), 'emb': jnp.asarray(lm.embedding_table)}
