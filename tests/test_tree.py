@@ -8,7 +8,7 @@ import pytest
 
 from rain_jax import tree as T
 
-C, L, E = 4, 3, 2
+N, C, L, E = 10, 4, 3, 2
 
 
 def _candidates(seqs, weights, k=C):
@@ -70,7 +70,7 @@ def test_token_set_len():
 
 
 def test_expand_priors_root_smoothing_and_plain():
-  tree = _expand(T.init_tree(8, C, L, E), 0, [[5], [6], [7]], [2.0, 1.0, 1.0])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[5], [6], [7]], [2.0, 1.0, 1.0])
   assert _children(tree, 0) == [1, 2, 3]
   # p = [.5, .25, .25]; 0.75 p + 0.25 / 3 already sums to 1.
   expected = [0.75 * 0.5 + 0.25 / 3, 0.75 * 0.25 + 0.25 / 3, 0.75 * 0.25 + 0.25 / 3]
@@ -90,7 +90,7 @@ def test_expand_priors_root_smoothing_and_plain():
 def test_expand_skips_invalid_candidates_and_stores_compacted_list():
   tokens, lens, weights, valid = _candidates([[1], [2], [3]], [0.5, 0.2, 0.3])
   valid = valid.at[1].set(False)
-  tree = T.expand(T.init_tree(8, C, L, E).replace(root=jnp.int32(7)), 0, tokens, lens,
+  tree = T.expand(T.init_tree(N, C, L, E).replace(root=jnp.int32(7)), 0, tokens, lens,
                   weights, valid, *_no_top())
   assert _children(tree, 0) == [1, 2]
   assert np.asarray(tree.tokens[1:3, 0]).tolist() == [1, 3]
@@ -100,7 +100,7 @@ def test_expand_skips_invalid_candidates_and_stores_compacted_list():
 
 
 def test_expand_rejects_bad_shapes():
-  tree = T.init_tree(8, C, L, E)
+  tree = T.init_tree(N, C, L, E)
   tokens, lens, weights, valid = _candidates([[1]], [1.0])
   with pytest.raises(ValueError, match='cand_tokens'):
     T.expand(tree, 0, tokens[:, :2], lens, weights, valid, *_no_top())
@@ -125,7 +125,7 @@ def test_overflow_counted_when_slots_run_out():
 
 def _scored_tree():
   """Root 0 (n=9) with children 1..3 and set statistics; min_q=-0.5, max_q=1.5."""
-  tree = _expand(T.init_tree(6, C, L, E), 0, [[1], [2], [3]], [1, 1, 1])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1], [2], [3]], [1, 1, 1])
   return _set(tree.replace(min_q=jnp.float32(-0.5), max_q=jnp.float32(1.5)),
               visits={0: 9.0, 1: 3.0, 2: 0.0, 3: 1.5},
               value={1: 0.5, 2: 0.7, 3: -0.25},
@@ -164,7 +164,7 @@ def test_most_visited_child_ties():
 
 
 def _two_children(emb_a, emb_b, q_a=-0.1, q_b=-0.2, seqs=([1], [2])):
-  tree = _expand(T.init_tree(6, C, L, E), 0, list(seqs), [1, 1])
+  tree = _expand(T.init_tree(N, C, L, E), 0, list(seqs), [1, 1])
   return _set(tree, embedding={1: jnp.array(emb_a), 2: jnp.array(emb_b)},
               has_embedding={1: True, 2: True}, value={1: q_a, 2: q_b})
 
@@ -184,7 +184,7 @@ def test_should_add_child_variance_rule():
 
 
 def test_should_add_child_one_child_never_widens():
-  tree = _expand(T.init_tree(4, C, L, E), 0, [[1]], [1.0])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1]], [1.0])
   tree = _set(tree, embedding={1: jnp.array([1.0, 0.0])}, has_embedding={1: True},
               value={1: -0.9})
   assert not bool(T.should_add_child(tree, 0, 20, 0.03))
@@ -194,7 +194,7 @@ def test_should_add_child_one_child_never_widens():
 def test_add_children_one_token_at_root():
   logits = jnp.array([2.0, 1.0, 0.5, 0.0])
   top = (jnp.array([11, 12, 13, 14], jnp.int32), logits)
-  tree = _expand(T.init_tree(6, C, L, E), 0, [[11], [12]], [0.7, 0.3], top=top)
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[11], [12]], [0.7, 0.3], top=top)
   before = np.asarray(tree.prior[1:3])
   tree = T.add_children_one_token(tree, 0)
   assert _children(tree, 0) == [1, 2, 3]
@@ -208,7 +208,7 @@ def test_add_children_one_token_at_root():
 def test_add_children_one_token_drops_zero_probability():
   # exp(-300) underflows to 0 in float32: the third token is not a candidate.
   top = (jnp.array([11, 12, 13, 14], jnp.int32), jnp.array([2.0, 1.0, -298.0, -299.0]))
-  tree = _expand(T.init_tree(6, C, L, E), 0, [[11], [12]], [0.7, 0.3], top=top)
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[11], [12]], [0.7, 0.3], top=top)
   tree = T.add_children_one_token(tree, 1)                 # no stored logits: no-op
   assert _children(tree, 1) == []
   widened = T.add_children_one_token(tree, 0)
@@ -216,7 +216,7 @@ def test_add_children_one_token_drops_zero_probability():
 
 
 def test_add_children_multi_prepends_and_appends():
-  tree = _expand(T.init_tree(8, C, L, E), 0, [[9]], [1.0])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[9]], [1.0])
   tree = _expand(tree, 1, [[1, 2], [3, 4], [5, 6]], [0.4, 0.2, 0.1])
   before = np.asarray(tree.prior[2:5])
   new = _candidates([[1, 2], [7, 8]], [0.5, 0.25], k=2)
@@ -232,7 +232,7 @@ def test_add_children_multi_prepends_and_appends():
 
 
 def test_add_children_multi_at_root_with_column_overflow():
-  tree = _expand(T.init_tree(10, C, L, E), 0, [[1, 2], [3, 4], [5, 6]], [0.4, 0.2, 0.1])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1, 2], [3, 4], [5, 6]], [0.4, 0.2, 0.1])
   new_tokens, new_lens, new_weights, _ = _candidates([[7, 8], [9, 9]], [0.3, 0.1], k=2)
   tree = T.add_children_multi(tree, 0, new_tokens, new_lens, new_weights,
                               jnp.array([True, True]))
@@ -245,7 +245,7 @@ def test_add_children_multi_at_root_with_column_overflow():
 
 def _two_level_tree():
   """0 -> (1, 2); 1 -> (3, 4), with set statistics and embeddings."""
-  tree = _expand(T.init_tree(6, C, L, E), 0, [[1], [2]], [1, 1])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1], [2]], [1, 1])
   tree = _expand(tree, 1, [[3, 4], [5, 6]], [1, 1])
   return _set(tree.replace(min_q=jnp.float32(-0.3), max_q=jnp.float32(-0.2)),
               visits={0: 3.0, 1: 2.0, 2: 1.0, 3: 1.0},
@@ -290,7 +290,7 @@ def test_backup_without_similarity_and_short_path():
 
 def _deep_tree():
   """0 -> (1, 2); 1 -> (3, 4); 2 -> (5,); 3 -> (6,), priors of 3, 4 = .6, .2."""
-  tree = _expand(T.init_tree(9, C, L, E), 0, [[1], [2]], [1, 1])
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1], [2]], [1, 1])
   tree = _expand(tree, 1, [[3, 3], [4, 4]], [3, 1])
   tree = _expand(tree, 2, [[5, 5]], [1])
   tree = _expand(tree, 3, [[6, 6, 6]], [1])
@@ -305,7 +305,7 @@ def test_paths_masks_and_depths():
   path, path_len = T.path_to_root(tree, 6, 2)
   assert int(path_len) == 4 and np.asarray(path).tolist() == [0, 1]
   assert np.flatnonzero(T.ancestor_mask(tree, 6)).tolist() == [0, 1, 3, 6]
-  assert np.asarray(T.depths(tree)).tolist() == [0, 1, 1, 2, 2, 2, 3, -1, -1]
+  assert np.asarray(T.depths(tree)).tolist() == [0, 1, 1, 2, 2, 2, 3, -1, -1, -1]
   assert int(T.node_depth(tree, 5)) == 2
   assert np.flatnonzero(T.subtree_mask(tree, 1)).tolist() == [1, 3, 4, 6]
   stats = T.tree_stats(tree)
@@ -339,22 +339,32 @@ def test_expand_after_commit_reuses_lowest_freed_slots():
   np.testing.assert_allclose(_at(tree.prior, [0, 2, 5, 7]), [0.4, 0.3, 0.2, 0.1],
                              rtol=1e-6)
   assert int(tree.overflow) == 0
-  # Only slot 8 remains: a new root expansion of 2 overflows by one.
-  tree = _expand(tree, 3, [[1, 1], [2, 2]], [1, 1])
-  assert _children(tree, 3) == [6, 8] and int(tree.overflow) == 1
+  # Only slots 8 and 9 remain: three more children overflow by one.
+  tree = _expand(tree, 3, [[1, 1], [2, 2], [3, 3]], [1, 1, 1])
+  assert _children(tree, 3) == [6, 8, 9] and int(tree.overflow) == 1
 
 
 def _episode(tree, cand_weights, value, emb):
-  """expand root -> backup a child -> select -> commit the most visited child."""
+  """expand, select, two backups, widen, commit, expand and widen the new root."""
+  top = (jnp.array([1, 2, 3, 4], jnp.int32), jnp.array([3.0, 2.0, 1.0, 0.0]))
   tokens, lens, _, valid = _candidates([[1], [2], [3]], [1, 1, 1])
-  tree = T.expand(tree, 0, tokens, lens, cand_weights, valid, *_no_top())
+  tree = T.expand(tree, 0, tokens, lens, cand_weights, valid, *top)
   selected = T.select_child(tree, 0, 2.0)
   path = jnp.stack([jnp.int32(0), selected, jnp.int32(-1)])
-  tree = T.backup(tree, path, 2, value, jnp.stack([emb, emb, emb]), 0.95, 0.2, True)
-  tree = T.backup(tree, path.at[1].set(3), 2, -value, jnp.stack([emb, emb, emb]),
-                  0.95, 0.2, True)
+  embs = jnp.stack([emb, emb, emb])
+  tree = T.backup(tree, path, 2, value, embs, 0.95, 0.2, True)
+  tree = T.backup(tree, path.at[1].set(3), 2, -value, embs, 0.95, 0.2, True)
+  widen = T.should_add_child(tree, 0, 20, 0.03)
+  tree = T.add_children_one_token(tree, 0)
   tree = T.commit(tree, T.most_visited_child(tree, 0))
-  return tree, selected
+  tokens, lens, _, valid = _candidates([[5, 6], [7, 8]], [1, 1])
+  tree = T.expand(tree, tree.root, tokens, lens, cand_weights, valid, *_no_top())
+  new_tokens, new_lens, _, new_valid = _candidates([[5, 6], [9, 9]], [1, 1], k=2)
+  tree = T.add_children_multi(tree, tree.root, new_tokens, new_lens, cand_weights[:2],
+                              new_valid)
+  leaf = tree.children[tree.root, 2]
+  path, path_len = T.path_to_root(tree, leaf, 3)
+  return tree, (selected, widen, path, path_len, T.ancestor_mask(tree, leaf))
 
 
 def test_jit_vmap_matches_one_by_one():
@@ -362,11 +372,12 @@ def test_jit_vmap_matches_one_by_one():
   weights = jnp.asarray(rng.uniform(0.1, 1.0, (3, C)), jnp.float32)
   values = jnp.array([1.0, -1.0, 0.0])
   embs = jnp.asarray(rng.normal(size=(3, E)), jnp.float32)
-  trees = jax.tree_util.tree_map(lambda x: jnp.stack([x] * 3), T.init_tree(8, C, L, E))
-  batched, selected = jax.jit(jax.vmap(_episode))(trees, weights, values, embs)
+  trees = jax.tree_util.tree_map(lambda x: jnp.stack([x] * 3), T.init_tree(N, C, L, E))
+  batched = jax.jit(jax.vmap(_episode))(trees, weights, values, embs)
+  one_tree = jax.jit(_episode)
   for b in range(3):
-    single, chosen = _episode(T.init_tree(8, C, L, E), weights[b], values[b], embs[b])
-    assert int(selected[b]) == int(chosen)
+    single = one_tree(T.init_tree(N, C, L, E), weights[b], values[b], embs[b])
+    assert int(single[0].num_children[single[0].root]) == 3
     for got, want in zip(jax.tree_util.tree_leaves(batched),
                          jax.tree_util.tree_leaves(single)):
       np.testing.assert_allclose(got[b], want, rtol=1e-6, atol=1e-7)
