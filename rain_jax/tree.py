@@ -658,10 +658,17 @@ def path_to_root(tree: Tree, node, max_depth):
 
 
 def subtree_mask(tree: Tree, node) -> jax.Array:
-  """`node` and all its descendants, by pointer jumping: [N] bool.
+  """`node` and all its descendants, by pointer jumping.
 
-  After k rounds `reached[i]` says whether `node` is among the first 2^k ancestors of
-  i (i itself included), so ceil(log2 N) + 1 rounds cover every depth.
+  After k rounds, `reached[i]` says whether `node` is i or one of i's ancestors at
+  distance < 2^k, so N.bit_length() + 1 rounds cover every depth.
+
+  Args:
+    tree: the tree.
+    node: () int32, a used slot.
+
+  Returns:
+    [N] bool.
   """
   n = tree.num_nodes
   slots = jnp.arange(n)
