@@ -22,9 +22,9 @@ _SEARCHERS = {}
 
 def _searcher(lm, prompt_width, **overrides):
   fns, _ = fake_jax.bigram_model(lm)
-  cfg = RainConfig(max_T=overrides.pop('max_T', 16), min_T=overrides.pop('min_T', 3),
-                   max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8, max_rollout=48,
-                   **overrides)
+  settings = dict(max_T=16, min_T=3, max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8,
+                  max_rollout=48)
+  cfg = RainConfig(**{**settings, **overrides})
   key = (lm.vocab_size, lm.embedding_table.shape[1], prompt_width, cfg)
   if key not in _SEARCHERS:
     _SEARCHERS[key] = search.Searcher(fns, JUDGE, cfg, prompt_width)
@@ -135,3 +135,16 @@ def test_batch_equals_rows_one_by_one_and_oracle():
   batched, cfg = run_jax(lm, prompts, {'harmful': 5}, seeds)
   for row, (prompt, seed) in enumerate(zip(prompts, seeds)):
     assert_same(batched, row, run_oracle(lm, prompt, {'harmful': 5}, seed, cfg))
+
+
+def test_tree_capacity_overflow_is_counted_and_search_degrades_gracefully():
+  """A tree too small for the search: children that do not fit are counted, the run
+  finishes, and every committed set is a real child of the root it left."""
+  lm = fake_lm.random_bigram_lm(16, 8, seed=5, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5)
+  small, _ = run_jax(lm, [[3, 4, 6]], {'constant': 0.0}, [0], num_nodes=24)
+  assert small['overflow'][0] > 0
+  assert search.STOP_REASONS[small['stop_reason'][0]] != 'running'
+  assert small['answer_len'][0] > 0
+  roomy, _ = run_jax(lm, [[3, 4, 6]], {'constant': 0.0}, [0], num_nodes=2048)
+  assert roomy['overflow'][0] == 0
