@@ -3,9 +3,12 @@
   python -m rain_jax.run --flagfile=configs/demo.flags
 
 Writes one JSON line per (prompt, method) to --output, appending; prompts already
-answered there are skipped, so a killed run resumes where it stopped. Every input is
-checked before the output file is touched: a bad flag or file gives a one-line error
-and exit status 1, and no output.
+answered there are skipped, so a killed run (even by kill -9) resumes where it stopped,
+and `<output>.config.json` records the flags, code commit and versions of every session
+(rain_jax/results.py). --shard_index/--num_shards split the chosen examples between
+processes by dataset index modulo the number of shards. Every input is checked before
+the output file is touched: a bad flag or file gives a one-line error and exit status 1,
+and no output. Progress bars with ETA go to stderr.
 """
 import os
 import sys
@@ -35,6 +38,9 @@ flags.DEFINE_string('prompt_file', None, 'custom: JSONL of {"id", "prompt"}, use
 flags.DEFINE_string('turn_marker', None, 'custom: text that ends an answer (optional).')
 flags.DEFINE_integer('start', 0, 'First example index.')
 flags.DEFINE_integer('num_examples', 5, 'How many examples (-1: all).')
+flags.DEFINE_integer('shard_index', 0, 'This process answers the chosen examples whose '
+                     'dataset index modulo --num_shards is --shard_index.')
+flags.DEFINE_integer('num_shards', 1, 'How many shards split the chosen examples.')
 # Decoding.
 flags.DEFINE_enum('method', 'vanilla', ['vanilla', 'rain', 'both'], 'Decoding method.')
 flags.DEFINE_integer('max_new_tokens', 128, 'New tokens per answer at most.')
@@ -65,7 +71,10 @@ flags.DEFINE_integer('max_rollout', None, 'Rollout length cap (tokens).')
 flags.DEFINE_bool('dump_tree', False, 'Add the root children statistics at every commit '
                   'to each RAIN record ("tree_dump").')
 # Output.
-flags.DEFINE_string('output', 'out/results.jsonl', 'JSONL results file (appended).')
+flags.DEFINE_string('output', 'out/results.jsonl', 'JSONL results file (appended; '
+                    'one per process).')
+flags.DEFINE_bool('allow_config_change', False, 'Append to an --output whose answers were '
+                  'made with other settings (see <output>.config.json).')
 flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'rain_jax', 'xla'),
                     'Persistent XLA compilation cache folder ("" = off).')
 
@@ -83,6 +92,9 @@ def _check_flags():
     raise InputError(f'--batch_size must be >= 1, got {FLAGS.batch_size}')
   if FLAGS.num_examples == 0 or FLAGS.num_examples < -1:
     raise InputError(f'--num_examples must be >= 1 or -1 (all), got {FLAGS.num_examples}')
+  if FLAGS.num_shards < 1 or not 0 <= FLAGS.shard_index < FLAGS.num_shards:
+    raise InputError(f'--shard_index must be in [0, --num_shards) and --num_shards >= 1, '
+                     f'got --shard_index={FLAGS.shard_index} --num_shards={FLAGS.num_shards}')
   _check_output_location(FLAGS.output)
 
 
@@ -97,6 +109,11 @@ def _check_output_location(path):
     folder = os.path.dirname(folder)
   if not os.path.isdir(folder):
     raise InputError(f'--output {path}: {folder} is not a directory')
+
+
+def run_flag_values():
+  """{name: value} of every flag this module defines (what the config sidecar records)."""
+  return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])}
 
 
 def rain_config_from_flags():
@@ -124,7 +141,7 @@ def main(argv):
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
   import jax
-  from rain_jax import engine, loading, results, sharding, tasks
+  from rain_jax import engine, loading, progress, results, sharding, tasks
 
   _check_flags()
   if FLAGS.compilation_cache:
@@ -135,7 +152,13 @@ def _run():
   if FLAGS.task == 'custom':
     task_options = dict(prompt_file=FLAGS.prompt_file, turn_marker=FLAGS.turn_marker)
   task = tasks.get_task(FLAGS.task, **task_options)
-  examples = task.load_examples(FLAGS.start, FLAGS.num_examples)
+  examples = results.shard_examples(task.load_examples(FLAGS.start, FLAGS.num_examples),
+                                    FLAGS.shard_index, FLAGS.num_shards)
+  if not examples:
+    logging.info('shard %d of %d holds none of the chosen examples; nothing to do',
+                 FLAGS.shard_index, FLAGS.num_shards)
+    return
+  results.check_config(FLAGS.output, run_flag_values(), FLAGS.allow_config_change)
   mesh = sharding.make_mesh(FLAGS.mesh)
   no_source = not (FLAGS.checkpoint or FLAGS.hf_dir or FLAGS.gguf)
   model_name = FLAGS.model or (DEFAULT_MODEL if no_source else None)
@@ -155,21 +178,23 @@ def _run():
                                         dump_tree=FLAGS.dump_tree)
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
-  done = results.done_keys(FLAGS.output)
   with results.ResultWriter(FLAGS.output) as writer:
+    results.record_session(FLAGS.output, run_flag_values(), results.session_record(
+        run_flag_values(), model.name, sum(x.size for x in jax.tree.leaves(model.params))))
+    done = results.done_keys(FLAGS.output)
     for method, runner in runners.items():
       todo = [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done]
-      if len(todo) < len(examples):
-        logging.info('%s: %d of %d prompts already answered in %s', method,
-                     len(examples) - len(todo), len(examples), FLAGS.output)
-      for start in range(0, len(todo), FLAGS.batch_size):
-        batch = todo[start:start + FLAGS.batch_size]
-        t0 = time.time()
-        for record in runner.run_batch(batch, FLAGS.batch_size):
-          record['model'] = model.name
-          writer.write(record)
-          print(f"[{method} {record['id']}] {record['response'][:200]!r}", file=sys.stderr)
-        logging.info('%s: batch of %d in %.1f s', method, len(batch), time.time() - t0)
+      with progress.Progress(method, len(examples), len(examples) - len(todo)) as bar:
+        for start in range(0, len(todo), FLAGS.batch_size):
+          batch = todo[start:start + FLAGS.batch_size]
+          t0 = time.time()
+          records = runner.run_batch(batch, FLAGS.batch_size)
+          for record in records:
+            record['model'] = model.name
+            writer.write(record)
+            bar.write(f"[{method} {record['id']}] {record['response'][:200]!r}")
+          bar.add(records)
+          logging.info('%s: batch of %d in %.1f s', method, len(batch), time.time() - t0)
 
 
 if __name__ == '__main__':
