@@ -7,6 +7,8 @@ TASK_DEFAULTS = {
     'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2),
     'truth': dict(min_T=16, rollout_stops_at_clause_end=False),
 }
+# Other names of the same tasks (the task module is called truthfulqa).
+TASK_ALIASES = {'truthfulqa': 'truth'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +69,6 @@ class RainConfig:
     if self.num_candidates > self.max_children:
       raise ValueError(f'num_candidates={self.num_candidates} must be <= max_children='
                        f'{self.max_children}')
-    if self.parallel_leaves != 1:
-      raise ValueError('parallel_leaves > 1 (virtual loss) is not implemented yet; only '
-                       'the reference mode (1) is available')
 
   def replace(self, **changes):
     return dataclasses.replace(self, **changes)
@@ -86,5 +85,6 @@ class RainConfig:
 
 
 def for_task(task: str, **overrides) -> RainConfig:
-  """The reference constants of `task` (hh, adv, truth), then `overrides`."""
-  return RainConfig(**{**TASK_DEFAULTS.get(task, {}), **overrides})
+  """The reference constants of `task` (hh, adv, truth or truthfulqa), then `overrides`."""
+  defaults = TASK_DEFAULTS.get(TASK_ALIASES.get(task, task), {})
+  return RainConfig(**{**defaults, **overrides})

@@ -1,9 +1,22 @@
 """Tasks: where prompts come from, how they are framed, and how answers are cut."""
+from typing import Mapping
+
+from rain_jax.tasks.adv import AdvTask
 from rain_jax.tasks.base import Example, Task
 from rain_jax.tasks.custom import CustomTask
 from rain_jax.tasks.hh import HHTask
+from rain_jax.tasks.sentiment import SentimentTask
+from rain_jax.tasks.truthfulqa import TruthfulQATask
 
-TASKS = {'hh': HHTask, 'custom': CustomTask}
+TASKS = {'hh': HHTask, 'adv': AdvTask, 'truthfulqa': TruthfulQATask,
+         'sentiment': SentimentTask, 'custom': CustomTask}
+
+# The command-line flags each task takes as constructor options (same names).
+TASK_FLAGS = {
+    'adv': ('suffix_file',),
+    'sentiment': ('target_sentiment',),
+    'custom': ('prompt_file', 'turn_marker', 'prompt_template', 'judge_prompts'),
+}
 
 
 def get_task(name: str, **options) -> Task:
@@ -11,3 +24,10 @@ def get_task(name: str, **options) -> Task:
   if name not in TASKS:
     raise ValueError(f'unknown task {name!r}; known: {", ".join(sorted(TASKS))}')
   return TASKS[name](**options)
+
+
+def task_options(name: str, flag_values: Mapping) -> dict:
+  """The options of task `name` among `flag_values` (flag name -> value), unset (None)
+  flags left out so that the task's defaults apply."""
+  return {flag: flag_values[flag] for flag in TASK_FLAGS.get(name, ())
+          if flag_values.get(flag) is not None}

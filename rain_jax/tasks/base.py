@@ -8,11 +8,13 @@ from typing import Optional
 @dataclasses.dataclass(frozen=True)
 class Example:
   """One prompt: `id` is unique within the task, `prompt` is the exact model input text,
-  `question` the part a reader needs (the prompt without few-shot prefixes)."""
+  `question` the part a reader needs (the prompt without few-shot prefixes), `meta` the
+  task's fields an evaluation needs (e.g. TruthfulQA's reference answers)."""
   id: str
   index: int
   prompt: str
   question: str
+  meta: dict = dataclasses.field(default_factory=dict, hash=False)
 
 
 class Task(abc.ABC):
@@ -28,6 +30,13 @@ class Task(abc.ABC):
 
   # Folder of rain_jax/data/prompts holding the judge prompts f2, r1, r2.
   judge_prompts: str = 'HH'
+  # Which self-evaluation the task uses: 'ab' (judge.ABJudge, two option orders) or
+  # 'yes_no' (judge.YesNoJudge, one pass reading "Yes" against "No").
+  judge_kind: str = 'ab'
+
+  def read_judge_prompt(self, name: str) -> str:
+    """Exact text of the judge prompt file `name` (f2.txt, r1.txt or r2.txt)."""
+    return read_data_text('prompts', self.judge_prompts, name)
 
   def conversation_start(self, example: Example) -> str:
     """The judged conversation's text before the answer: the prompt from its last turn
@@ -38,13 +47,11 @@ class Task(abc.ABC):
 
   def judge_prefix(self, example: Example) -> str:
     """f2 + "\n\n" + conversation start (rain-reference.md §4.3)."""
-    return read_data_text('prompts', self.judge_prompts, 'f2.txt') + '\n\n' + \
-        self.conversation_start(example)
+    return self.read_judge_prompt('f2.txt') + '\n\n' + self.conversation_start(example)
 
   def judge_suffixes(self) -> tuple:
     """("\n" + r1, "\n" + r2): the two option orders."""
-    return tuple('\n' + read_data_text('prompts', self.judge_prompts, name)
-                 for name in ('r1.txt', 'r2.txt'))
+    return tuple('\n' + self.read_judge_prompt(name) for name in ('r1.txt', 'r2.txt'))
 
   def answer(self, generated_text: str) -> str:
     """The answer a reader sees: generated text cut before the turn marker, stripped."""
