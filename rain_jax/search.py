@@ -60,16 +60,17 @@ class SearchTables:
 
 @flax.struct.dataclass
 class SearchState:
+  # Tree level ([B]) unless marked [R]: row level, B * parallel_leaves rows.
   tree: tree_lib.Tree
-  cache: Any
-  judge: Any
-  seeds: jax.Array            # [B] uint32 per-row noise seeds
-  trunk_len: jax.Array        # [B] tokens in the policy trunk (prompt + answer)
-  maxlen: jax.Array           # [B] reference maxlen, capped by prompt + max_new - 1
-  root_logits: jax.Array      # [B, V] next-token logits after the trunk
-  answer: jax.Array           # [B, A_cap] committed tokens
-  answer_len: jax.Array       # [B]
-  last_token: jax.Array       # [B] last token of prompt + answer
+  cache: Any                  # [R] policy cache
+  judge: Any                  # [R] judge state
+  seeds: jax.Array            # [B] uint32 per-prompt noise seeds
+  trunk_len: jax.Array        # [R] tokens in the policy trunk (prompt + answer)
+  maxlen: jax.Array           # [R] reference maxlen, capped by prompt + max_new - 1
+  root_logits: jax.Array      # [R, V] next-token logits after the trunk
+  answer: jax.Array           # [R, A_cap] committed tokens
+  answer_len: jax.Array       # [R]
+  last_token: jax.Array       # [R] last token of prompt + answer
   sim: jax.Array              # [B] simulations so far (noise counter)
   step_sims: jax.Array        # [B] simulations in the current outer step
   step_budget: jax.Array      # [B] max(max_T, done + 15) - done
@@ -262,26 +263,79 @@ def decode_streams(model, params, cache, layout, first_logits, num_streams, leng
 # ------------------------------------------------------------------------------ search
 
 
+def virtual_loss(tree, path, path_len, active):
+  """Selection-time virtual loss: one visit of value -1 on path[:path_len] (one tree).
+
+  path [D] int32, path_len () int32, active () bool. Only `parallel_leaves > 1` uses
+  it, and the search restores the true statistics before any backup."""
+  on = (jnp.arange(path.shape[0]) < path_len) & (path >= 0) & active
+  idx = jnp.where(on, path, tree.num_nodes)
+  n = tree.visits[jnp.minimum(idx, tree.num_nodes - 1)]
+  q = tree.value[jnp.minimum(idx, tree.num_nodes - 1)]
+  return tree.replace(visits=tree.visits.at[idx].set(n + 1.0, mode='drop'),
+                      value=tree.value.at[idx].set((q * n - 1.0) / (n + 1.0), mode='drop'))
+
+
+@flax.struct.dataclass
+class RowView:
+  """Per-row inputs of the model-calling steps: trunk_len, maxlen, last_token,
+  answer_len, seeds, sim [R]; root_logits [R, V]; answer [R, A_cap]. Rows are the
+  prompts (reference mode) or prompt x parallel leaf (R = B * P)."""
+  trunk_len: jax.Array
+  maxlen: jax.Array
+  root_logits: jax.Array
+  last_token: jax.Array
+  answer: jax.Array
+  answer_len: jax.Array
+  seeds: jax.Array
+  sim: jax.Array
+
+
 class Searcher:
-  """Builds the jitted generation for one (model, judge, config, prompt width)."""
+  """Builds the jitted generation for one (model, judge, config, prompt width).
+
+  With cfg.parallel_leaves = P > 1 (virtual loss, not the reference), each tick selects
+  P leaves per tree one after another, each selection seeing a virtual loss (a visit of
+  value -1) on the paths chosen before it, evaluates them side by side as P rows per
+  prompt (each row holds its own copy of the prompt's trunk), then expands and backs
+  them up in order. Commits and budgets count P simulations per tick, so a step can
+  run up to P - 1 simulations past its budget.
+  """
 
   def __init__(self, model: ModelFns, judge, cfg: RainConfig, prompt_width: int):
     self.model = model
     self.judge = judge
     self.cfg = cfg
+    self.leaves = cfg.parallel_leaves
     self.layout = Layout(cfg, prompt_width)
     self.generate = jax.jit(self._generate)
+
+  def _rep(self, x):
+    """Tree-level [B, ...] -> row-level [B * P, ...] (each tree's value on its P rows)."""
+    return jnp.repeat(x, self.leaves, axis=0)
+
+  def _first(self, x):
+    """Row-level [B * P, ...] -> tree-level [B, ...] (the first row of each tree)."""
+    return x[::self.leaves]
+
+  def _row_view(self, st, sim):
+    return RowView(trunk_len=st.trunk_len, maxlen=st.maxlen, root_logits=st.root_logits,
+                   last_token=st.last_token, answer=st.answer, answer_len=st.answer_len,
+                   seeds=self._rep(st.seeds), sim=sim)
 
   # ---- setup
 
   def _init_state(self, params, prompt_tokens, prompt_lens, seeds, judge_inputs):
     cfg, layout, model = self.cfg, self.layout, self.model
     batch = prompt_tokens.shape[0]
-    cache = model.init_cache(batch, layout.num_slots)
-    context = jnp.zeros((batch, layout.num_slots), bool)
+    rows = batch * self.leaves
+    prompt_tokens, prompt_lens = self._rep(prompt_tokens), self._rep(prompt_lens)
+    judge_inputs = jax.tree.map(self._rep, judge_inputs)
+    cache = model.init_cache(rows, layout.num_slots)
+    context = jnp.zeros((rows, layout.num_slots), bool)
     cache, _, root_logits = feed_tokens(
         model, params, cache, prompt_tokens, prompt_lens, 0,
-        jnp.zeros((batch,), jnp.int32), context, prompt_tokens.shape[1])
+        jnp.zeros((rows,), jnp.int32), context, prompt_tokens.shape[1])
     tree = jax.vmap(lambda _: tree_lib.init_tree(cfg.num_nodes, cfg.max_children,
                                                  cfg.max_tokens_per_node,
                                                  model.hidden_size))(jnp.arange(batch))
@@ -292,7 +346,8 @@ class Searcher:
         seeds=seeds, trunk_len=prompt_lens,
         maxlen=jnp.minimum(cfg.maxlen, prompt_lens + cfg.max_new_tokens - 1),
         root_logits=root_logits,
-        answer=jnp.zeros((batch, layout.answer_cap), jnp.int32), answer_len=zeros,
+        answer=jnp.zeros((rows, layout.answer_cap), jnp.int32),
+        answer_len=jnp.zeros((rows,), jnp.int32),
         last_token=jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], 1)[:, 0],
         sim=zeros, step_sims=zeros,
         step_budget=jnp.full((batch,), max(cfg.max_T, 15), jnp.int32),
@@ -306,62 +361,65 @@ class Searcher:
   # ---- commit
 
   def _commit(self, params, tables, st, mask):
-    """Commits the most visited child of the root for rows in `mask` (reference §2)."""
-    cfg, layout, model = self.cfg, self.layout, self.model
+    """Commits the most visited child of the root for trees in `mask` (reference §2)."""
+    cfg, layout = self.cfg, self.layout
     tree = st.tree
     root = tree.root
     child = jax.vmap(tree_lib.most_visited_child)(tree, root)
     no_child = mask & (child < 0)
     ok = mask & (child >= 0)
     safe = jnp.maximum(child, 0)
-    rows = _rows(child)
-    tokens = tree.tokens[rows, safe]                                   # [B, L]
-    lens = jnp.where(ok, tree.num_tokens[rows, safe], 0)
+    trees = _rows(child)
+    tokens = tree.tokens[trees, safe]                                  # [B, L]
+    lens = jnp.where(ok, tree.num_tokens[trees, safe], 0)
     # Dump the root's children before the commit.
     commit_idx = jnp.minimum(st.stats['committed_sets'], cfg.max_new_tokens - 1)
-    kids = tree.children[rows, root]                                   # [B, C]
+    kids = tree.children[trees, root]                                  # [B, C]
     kid_safe = jnp.maximum(kids, 0)
     has = kids >= 0
-    kid_stats = jnp.stack([tree.visits[rows[:, None], kid_safe],
-                           tree.real_visits[rows[:, None], kid_safe].astype(jnp.float32),
-                           tree.value[rows[:, None], kid_safe],
-                           tree.prior[rows[:, None], kid_safe]], axis=-1)
+    kid_stats = jnp.stack([tree.visits[trees[:, None], kid_safe],
+                           tree.real_visits[trees[:, None], kid_safe].astype(jnp.float32),
+                           tree.value[trees[:, None], kid_safe],
+                           tree.prior[trees[:, None], kid_safe]], axis=-1)
     kid_live = (jnp.arange(cfg.max_tokens_per_node)[None, None, :]
-                < tree.num_tokens[rows[:, None], kid_safe][..., None])
-    dump_tokens = st.dump_tokens.at[rows, commit_idx].set(
+                < tree.num_tokens[trees[:, None], kid_safe][..., None])
+    dump_tokens = st.dump_tokens.at[trees, commit_idx].set(
         jnp.where((ok[:, None] & has)[..., None] & kid_live,
-                  tree.tokens[rows[:, None], kid_safe], -1))
-    dump_stats = st.dump_stats.at[rows, commit_idx].set(
+                  tree.tokens[trees[:, None], kid_safe], -1))
+    dump_stats = st.dump_stats.at[trees, commit_idx].set(
         jnp.where((ok[:, None] & has)[..., None], kid_stats, 0.0))
-    dump_sims = st.dump_sims.at[rows, commit_idx].set(jnp.where(ok, st.step_sims, 0))
+    dump_sims = st.dump_sims.at[trees, commit_idx].set(jnp.where(ok, st.step_sims, 0))
     new_tree = _select_rows(ok, jax.vmap(tree_lib.commit)(tree, safe), tree)
-    # Extend the trunk (policy and judge) with the committed tokens.
-    cache, logits = self._feed_trunk(params, st.cache, tokens, lens, st.trunk_len)
-    judge_state = self.judge.commit(params, st.judge, tokens, lens, ok)
+    # Extend every row's trunk (policy and judge) with the committed tokens.
+    tokens_r, lens_r, ok_r = self._rep(tokens), self._rep(lens), self._rep(ok)
+    rows = _rows(lens_r)
+    cache, logits = self._feed_trunk(params, st.cache, tokens_r, lens_r, st.trunk_len)
+    judge_state = self.judge.commit(params, st.judge, tokens_r, lens_r, ok_r)
     pos = st.answer_len[:, None] + jnp.arange(cfg.max_tokens_per_node)[None, :]
-    live = jnp.arange(cfg.max_tokens_per_node)[None, :] < lens[:, None]
+    live = jnp.arange(cfg.max_tokens_per_node)[None, :] < lens_r[:, None]
     answer = st.answer.at[rows[:, None], jnp.where(live, pos, layout.answer_cap)].set(
-        tokens, mode='drop')
-    answer_len = st.answer_len + lens
-    last_token = jnp.where(ok, tokens[rows, jnp.maximum(lens - 1, 0)], st.last_token)
-    # Stop checks after the commit.
-    has_eos = jnp.any(live & (tokens == tables.eos_id), axis=1)
+        tokens_r, mode='drop')
+    answer_len = st.answer_len + lens_r
+    last_token = jnp.where(ok_r, tokens_r[rows, jnp.maximum(lens_r - 1, 0)], st.last_token)
+    # Stop checks after the commit (every row of a tree holds the same answer).
+    has_eos = jnp.any(live & (tokens_r == tables.eos_id), axis=1)
     has_marker = contains_stop_sequence(answer, answer_len, tables.stop_sequences)
     too_long = answer_len >= cfg.max_new_tokens
+    has_eos, has_marker, too_long = (self._first(x) for x in (has_eos, has_marker, too_long))
     reason = jnp.where(no_child, NO_CHILDREN,
                        jnp.where(ok & has_marker, TURN_MARKER,
                                  jnp.where(ok & too_long, MAX_NEW_TOKENS,
                                            jnp.where(ok & has_eos, EOS, RUNNING))))
     done = st.done | (reason != RUNNING)
-    carried = new_tree.real_visits[rows, new_tree.root]
+    carried = new_tree.real_visits[trees, new_tree.root]
     stats = dict(st.stats)
     stats['nodes_used'] = jnp.maximum(stats['nodes_used'], jnp.sum(tree.used, axis=1))
     stats['committed_sets'] = stats['committed_sets'] + ok
     stats['early_stops'] = stats['early_stops'] + (ok & st.early)
     return st.replace(
         tree=new_tree, cache=cache, judge=judge_state,
-        trunk_len=st.trunk_len + lens,
-        root_logits=jnp.where(ok[:, None], logits, st.root_logits),
+        trunk_len=st.trunk_len + lens_r,
+        root_logits=jnp.where(ok_r[:, None], logits, st.root_logits),
         answer=answer, answer_len=answer_len, last_token=last_token,
         step_sims=jnp.where(mask, 0, st.step_sims),
         step_budget=jnp.where(mask, jnp.maximum(cfg.max_T - carried, 15), st.step_budget),
@@ -370,92 +428,102 @@ class Searcher:
         stats=stats, dump_tokens=dump_tokens, dump_stats=dump_stats, dump_sims=dump_sims)
 
   def _feed_trunk(self, params, cache, tokens, lens, trunk_len):
-    """Appends tokens [B, L] (lens[b] real) to the policy trunk; logits after them."""
+    """Appends tokens [R, L] (lens[r] real) to the policy trunk; logits after them."""
     context = slot_range_mask(self.layout.num_slots, 0, trunk_len)
     cache, _, logits = feed_tokens(self.model, params, cache, tokens, lens, trunk_len,
                                    trunk_len, context, self.cfg.max_tokens_per_node)
     return cache, logits
 
-  # ---- one simulation
+  # ---- model-calling steps on rows
 
-  def _path_tokens(self, tree, path, depth):
-    """Concatenated token sets of path[1..depth]: tokens [B, P], length [B], and the
-    offset [B, D+1] where each path node's tokens start."""
+  def _path_tokens(self, tree, tree_idx, path, depth):
+    """Concatenated token sets of path[1..depth] of tree tree_idx[r]: tokens [R, P_cap],
+    length [R], and the offset [R, D+1] where each path node's tokens start."""
     layout, cfg = self.layout, self.cfg
-    rows = _rows(depth)[:, None]
-    nodes = jnp.maximum(path, 0)                                       # [B, D+1]
+    nodes = jnp.maximum(path, 0)                                       # [R, D+1]
+    t_idx = tree_idx[:, None]
     on_path = (jnp.arange(path.shape[1])[None, :] >= 1) & \
         (jnp.arange(path.shape[1])[None, :] <= depth[:, None])
-    lens = jnp.where(on_path, tree.num_tokens[rows, nodes], 0)         # [B, D+1]
+    lens = jnp.where(on_path, tree.num_tokens[t_idx, nodes], 0)        # [R, D+1]
     offsets = jnp.cumsum(lens, axis=1) - lens
     t = jnp.arange(cfg.max_tokens_per_node)
-    dest = jnp.where(t[None, None, :] < lens[..., None], offsets[..., None] + t, layout.path_cap)
-    src = tree.tokens[rows, nodes]                                     # [B, D+1, L]
+    dest = jnp.where(t[None, None, :] < lens[..., None], offsets[..., None] + t,
+                     layout.path_cap)
+    src = tree.tokens[t_idx, nodes]                                    # [R, D+1, L]
     buf = jnp.zeros((depth.shape[0], layout.path_cap), jnp.int32)
-    buf = buf.at[rows[..., None], dest].set(src, mode='drop')
+    buf = buf.at[_rows(depth)[:, None, None], dest].set(src, mode='drop')
     return buf, jnp.sum(lens, axis=1), offsets
 
-  def _feed_path(self, params, cache, st, path_buf, path_len):
-    """Feeds the selected path after the trunk: (cache, hidden [B, P, H], logits [B, V]
-    after the path (the root's logits where the path is empty))."""
+  def _feed_path(self, params, cache, view, path_buf, path_len):
+    """Feeds the selected path after the trunk: (cache, hidden [R, P_cap, H], logits
+    [R, V] after the path (the root's logits where the path is empty))."""
     layout = self.layout
-    context = slot_range_mask(layout.num_slots, 0, st.trunk_len)
+    context = slot_range_mask(layout.num_slots, 0, view.trunk_len)
     cache, hidden, logits = feed_tokens(self.model, params, cache, path_buf, path_len,
-                                        layout.path_base, st.trunk_len, context,
+                                        layout.path_base, view.trunk_len, context,
                                         self.cfg.feed_chunk)
-    logits = jnp.where((path_len > 0)[:, None], logits, st.root_logits)
+    logits = jnp.where((path_len > 0)[:, None], logits, view.root_logits)
     return cache, hidden, logits
 
-  def _context_after_path(self, st, path_len):
+  def _context_after_path(self, view, path_len):
     layout = self.layout
-    return (slot_range_mask(layout.num_slots, 0, st.trunk_len)
+    return (slot_range_mask(layout.num_slots, 0, view.trunk_len)
             | slot_range_mask(layout.num_slots, layout.path_base, path_len))
 
-  def _propose(self, params, cache, st, first_logits, path_len, lengths, num_streams,
+  def _propose(self, params, cache, view, first_logits, path_len, lengths, num_streams,
                num_keep, purpose, attempt_code):
-    """Multi-token candidates after the path: (cache, tokens [B,K,L], lens, weights, valid)."""
+    """Multi-token candidates after the path: (cache, tokens [R,K,L], lens, weights, valid)."""
     cfg = self.cfg
-    context = self._context_after_path(st, path_len)
+    context = self._context_after_path(view, path_len)
     cache, seqs, weights = decode_streams(
         self.model, params, cache, self.layout, first_logits, num_streams, lengths, context,
-        st.trunk_len + path_len, st.seeds, purpose, st.sim, attempt_code,
+        view.trunk_len + path_len, view.seeds, purpose, view.sim, attempt_code,
         cfg.propose_temperature)
     cands = jax.vmap(lambda q, w, n: propose.select_candidates(q, w, n, num_keep))(
         seqs, weights, lengths)
     return (cache,) + cands
 
-  def _widen(self, params, st, cache, node, path, depth, need):
-    """Widening at `node` [B] for rows in `need` (reference §5); returns (tree, cache)."""
-    cfg, tree = self.cfg, st.tree
-    rows = _rows(node)
-    first_child = jnp.maximum(tree.children[rows, node, 0], 0)
-    one_token = tree.num_tokens[rows, first_child] == 1
+  # ---- selection (tree level)
+
+  def _widen(self, params, view, tree, cache, node, path, depth, need):
+    """Widening at `node` [B] for trees in `need` (reference §5); returns (tree, cache).
+
+    Multi-token widening proposes on every row (R = B * P) with its tree's path and
+    keeps the first row's candidates; with P = 1 rows and trees coincide."""
+    cfg = self.cfg
+    trees = _rows(node)
+    first_child = jnp.maximum(tree.children[trees, node, 0], 0)
+    one_token = tree.num_tokens[trees, first_child] == 1
     widened = jax.vmap(tree_lib.add_children_one_token)(tree, node)
     tree = _select_rows(need & one_token, widened, tree)
     multi = need & ~one_token
 
     def widen_multi(operands):
       tree, cache = operands
-      path_buf, path_len, _ = self._path_tokens(tree, path, depth)
-      st_now = st.replace(tree=tree)
-      cache, _, _ = self._feed_path(params, cache, st_now, path_buf, path_len)
+      rep = self._rep
+      tree_idx = rep(trees)
+      path_buf, path_len, _ = self._path_tokens(tree, tree_idx, rep(path), rep(depth))
+      cache, _, _ = self._feed_path(params, cache, view, path_buf, path_len)
       first = jax.vmap(lambda i, v: propose.dense_from_top(i, v, self.model.vocab_size))(
-          tree.stored_top_ids[rows, node], tree.stored_top_logits[rows, node])
-      lengths = tree_lib.token_set_len(tree.step[rows, node])
+          rep(tree.stored_top_ids[trees, node]), rep(tree.stored_top_logits[trees, node]))
+      step = rep(tree.step[trees, node])
       streams = cfg.widen_attempts + 1
-      code = 64 * tree.step[rows, node][:, None] + jnp.arange(streams)[None, :]
+      code = 64 * step[:, None] + jnp.arange(streams)[None, :]
       cache, toks, lens, weights, valid = self._propose(
-          params, cache, st_now, first, path_len, lengths, streams, 2, noise.WIDEN, code)
+          params, cache, view, first, path_len, tree_lib.token_set_len(step), streams, 2,
+          noise.WIDEN, code)
+      toks, lens, weights, valid = (self._first(x) for x in (toks, lens, weights, valid))
       new_tree = jax.vmap(tree_lib.add_children_multi)(tree, node, toks, lens, weights, valid)
       return _select_rows(multi, new_tree, tree), cache
 
     return jax.lax.cond(jnp.any(multi), widen_multi, lambda x: x, (tree, cache))
 
-  def _select(self, params, st, active):
-    """Descends from the root (widening on the way): (tree, cache, path [B, D+1], depth)."""
+  def _select(self, params, tree, cache, view, active):
+    """Descends from the root (widening on the way): (tree, cache, leaf [B],
+    path [B, D+1], depth [B]). `view` holds the rows the widening proposals run on."""
     cfg = self.cfg
     batch = active.shape[0]
-    path = jnp.full((batch, cfg.max_depth + 1), -1, jnp.int32).at[:, 0].set(st.tree.root)
+    path = jnp.full((batch, cfg.max_depth + 1), -1, jnp.int32).at[:, 0].set(tree.root)
 
     def descending(tree, node, depth):
       return active & (tree.num_children[_rows(node), node] > 0) & (depth < cfg.max_depth)
@@ -466,8 +534,8 @@ class Searcher:
       need = going & jax.vmap(tree_lib.should_add_child, in_axes=(0, 0, None, None))(
           tree, node, cfg.max_children, cfg.var_scale)
       tree, cache = jax.lax.cond(
-          jnp.any(need), lambda ops: self._widen(params, st.replace(tree=ops[0]), ops[1],
-                                                 node, path, depth, need),
+          jnp.any(need),
+          lambda ops: self._widen(params, view, ops[0], ops[1], node, path, depth, need),
           lambda ops: ops, (tree, cache))
       child = jax.vmap(tree_lib.select_child, in_axes=(0, 0, None))(tree, node, cfg.c_puct)
       node = jnp.where(going, child, node)
@@ -480,25 +548,45 @@ class Searcher:
       return jnp.any(descending(tree, node, depth))
 
     zeros = jnp.zeros((batch,), jnp.int32)
-    tree, cache, node, path, depth = jax.lax.while_loop(
-        cond, body, (st.tree, st.cache, st.tree.root, path, zeros))
-    return tree, cache, node, path, depth
+    return jax.lax.while_loop(cond, body, (tree, cache, tree.root, path, zeros))
 
-  def _rollout(self, params, tables, st, cache, logits, gen, gen_len, path_len, active):
-    """Samples rollouts (§4.1). Returns (cache, gen, gen_len, rollout_len [B],
-    rollout hidden sum [B, H], truncated [B])."""
+  def _select_leaves(self, params, st, active):
+    """P leaves per tree, each selection under virtual loss from the earlier ones.
+
+    Returns (tree with any widening, cache, leaves [B, P], paths [B, P, D+1],
+    depths [B, P]). The returned tree carries no virtual loss."""
+    tree, cache = st.tree, st.cache
+    leaves, paths, depths = [], [], []
+    for p in range(self.leaves):
+      view = self._row_view(st, self._rep(st.sim + p))
+      tree, cache, leaf, path, depth = self._select(params, tree, cache, view, active)
+      leaves.append(leaf)
+      paths.append(path)
+      depths.append(depth)
+      if p + 1 < self.leaves:
+        tree = jax.vmap(virtual_loss)(tree, path, depth + 1, active)
+    if self.leaves > 1:  # drop the virtual losses, keep structural changes (widening)
+      tree = tree.replace(visits=jnp.where(st.tree.used, st.tree.visits, tree.visits),
+                          value=jnp.where(st.tree.used, st.tree.value, tree.value))
+    return tree, cache, jnp.stack(leaves, 1), jnp.stack(paths, 1), jnp.stack(depths, 1)
+
+  # ---- one simulation
+
+  def _rollout(self, params, tables, view, cache, logits, gen, gen_len, path_len, active):
+    """Samples rollouts (§4.1) on rows. Returns (cache, gen, gen_len, rollout_len [R],
+    rollout hidden sum [R, H], truncated [R])."""
     cfg, layout = self.cfg, self.layout
     batch = active.shape[0]
-    context = self._context_after_path(st, path_len)
+    context = self._context_after_path(view, path_len)
     rows = _rows(active)
-    eos_seen = jnp.any((gen == tables.eos_id) & (jnp.arange(gen.shape[1])[None] < gen_len[:, None]),
-                       axis=1)
+    live = jnp.arange(gen.shape[1])[None] < gen_len[:, None]
+    eos_seen = jnp.any((gen == tables.eos_id) & live, axis=1)
     marker_seen = contains_stop_sequence(gen, gen_len, tables.stop_sequences)
-    last = jnp.where(gen_len > 0, gen[rows, jnp.maximum(gen_len - 1, 0)], st.last_token)
+    last = jnp.where(gen_len > 0, gen[rows, jnp.maximum(gen_len - 1, 0)], view.last_token)
 
     def wants_more(eos_seen, marker_seen, last, r):
-      text_len = st.trunk_len + path_len + r
-      stop = (text_len >= st.maxlen) | eos_seen | marker_seen
+      text_len = view.trunk_len + path_len + r
+      stop = (text_len >= view.maxlen) | eos_seen | marker_seen
       if cfg.rollout_stops_at_clause_end:
         stop = stop | tables.clause_end[last]
       return ~stop
@@ -511,11 +599,11 @@ class Searcher:
 
     def body(state):
       cache, logits, gen, gen_len, r, rolling, eos_seen, marker_seen, hsum, trunc = state
-      token = jax.vmap(propose.rollout_token)(logits, st.seeds, st.sim, r)
+      token = jax.vmap(propose.rollout_token)(logits, view.seeds, view.sim, r)
       gen = gen.at[rows, jnp.where(rolling, gen_len, gen.shape[1])].set(token, mode='drop')
       write = layout.rollout_base + jnp.minimum(r, cfg.max_rollout - 1)
       own = slot_range_mask(layout.num_slots, layout.rollout_base, r + 1)
-      position = st.trunk_len + path_len + r
+      position = view.trunk_len + path_len + r
       new_logits, hidden, cache = self.model.forward(
           params, token[:, None], position[:, None], cache, write[:, None],
           (context | own)[:, None, :])
@@ -534,90 +622,127 @@ class Searcher:
         lambda state: jnp.any(state[5]), body, state)
     return cache, gen, gen_len, r, hsum, trunc
 
-  def _simulate(self, params, tables, st, active):
-    """One simulation for the rows in `active` (reference §3)."""
+  def _evaluate_leaves(self, params, tables, st, tree, cache, leaf, path, depth, active):
+    """Path feed, rollout, judgement and proposals for every row (one leaf per row).
+
+    leaf, depth, active: [R]; path [R, D+1]. Returns (cache, judge state, dict of
+    per-row results)."""
     cfg, layout = self.cfg, self.layout
-    rows = _rows(active)
-    tree, cache, leaf, path, depth = self._select(params, st, active)
-    st = st.replace(tree=tree)
-    path_buf, path_len, offsets = self._path_tokens(tree, path, depth)
-    cache, path_hidden, leaf_logits = self._feed_path(params, cache, st, path_buf, path_len)
+    num_rows = leaf.shape[0]
+    rows = _rows(leaf)
+    tree_idx = rows // self.leaves
+    view = self._row_view(st, self._rep(st.sim) + rows % self.leaves)
+    path_buf, path_len, offsets = self._path_tokens(tree, tree_idx, path, depth)
+    cache, path_hidden, leaf_logits = self._feed_path(params, cache, view, path_buf, path_len)
     # Generated text so far: answer + path.
-    gen = jnp.zeros((active.shape[0], layout.gen_cap), jnp.int32)
+    gen = jnp.zeros((num_rows, layout.gen_cap), jnp.int32)
     gen = jax.lax.dynamic_update_slice_in_dim(gen, st.answer, 0, axis=1)
     dest = st.answer_len[:, None] + jnp.arange(layout.path_cap)[None, :]
-    dest = jnp.where(jnp.arange(layout.path_cap)[None, :] < path_len[:, None], dest, layout.gen_cap)
+    dest = jnp.where(jnp.arange(layout.path_cap)[None, :] < path_len[:, None], dest,
+                     layout.gen_cap)
     gen = gen.at[rows[:, None], dest].set(path_buf, mode='drop')
     gen_len = st.answer_len + path_len
-    leaf_tokens_live = jnp.arange(cfg.max_tokens_per_node)[None, :] < tree.num_tokens[rows, leaf][:, None]
+    leaf_tokens = tree.tokens[tree_idx, leaf]
+    leaf_live = jnp.arange(cfg.max_tokens_per_node)[None, :] < \
+        tree.num_tokens[tree_idx, leaf][:, None]
     terminal = ((st.trunk_len + path_len > st.maxlen)
-                | jnp.any(leaf_tokens_live & (tree.tokens[rows, leaf] == tables.eos_id), axis=1)
+                | jnp.any(leaf_live & (leaf_tokens == tables.eos_id), axis=1)
                 | contains_stop_sequence(gen, gen_len, tables.stop_sequences))
-    depth_limited = active & (tree.num_children[rows, leaf] > 0)
+    depth_limited = active & (tree.num_children[tree_idx, leaf] > 0)
     # Self-evaluation.
     cache, gen, full_len, rollout_len, rollout_hidden, truncated = self._rollout(
-        params, tables, st, cache, leaf_logits, gen, gen_len, path_len, active)
+        params, tables, view, cache, leaf_logits, gen, gen_len, path_len, active)
     value, judge_state = self.judge.evaluate(params, st.judge, gen, st.answer_len, full_len,
                                              active)
-    # Expansion.
+    # Proposals at the leaf.
     expand_rows = active & ~terminal & ~depth_limited
-    step = tree.step[rows, leaf]
-    lengths = tree_lib.token_set_len(step)
+    lengths = tree_lib.token_set_len(tree.step[tree_idx, leaf])
     one = jax.vmap(propose.one_token_candidates, in_axes=(0, None, None))(
         leaf_logits, cfg.num_candidates, cfg.max_tokens_per_node)
     top_ids, top_vals = propose.top_logits(leaf_logits, cfg.max_children)
+    streams = cfg.sample_attempts + 1
 
     def multi(cache):
-      code = jnp.broadcast_to(jnp.arange(cfg.sample_attempts + 1), (active.shape[0],
-                                                                    cfg.sample_attempts + 1))
-      out = self._propose(params, cache, st, leaf_logits, path_len, lengths,
-                          cfg.sample_attempts + 1, cfg.num_candidates, noise.PROPOSE, code)
-      return out
+      code = jnp.broadcast_to(jnp.arange(streams), (num_rows, streams))
+      return self._propose(params, cache, view, leaf_logits, path_len, lengths, streams,
+                           cfg.num_candidates, noise.PROPOSE, code)
 
     def no_multi(cache):
       k, l = cfg.num_candidates, cfg.max_tokens_per_node
-      b = active.shape[0]
-      return (cache, jnp.zeros((b, k, l), jnp.int32), jnp.zeros((b, k), jnp.int32),
-              jnp.zeros((b, k), jnp.float32), jnp.zeros((b, k), bool))
+      return (cache, jnp.zeros((num_rows, k, l), jnp.int32),
+              jnp.zeros((num_rows, k), jnp.int32), jnp.zeros((num_rows, k), jnp.float32),
+              jnp.zeros((num_rows, k), bool))
 
     cache, m_tok, m_len, m_w, m_valid = jax.lax.cond(
         jnp.any(expand_rows & (lengths > 1)), multi, no_multi, cache)
     use_one = (lengths == 1)[:, None]
-    cand = (jnp.where(use_one[..., None], one[0], m_tok), jnp.where(use_one, one[1], m_len),
-            jnp.where(use_one, one[2], m_w), jnp.where(use_one, one[3], m_valid))
-    expanded = jax.vmap(tree_lib.expand)(tree, leaf, *cand, top_ids, top_vals)
-    tree = _select_rows(expand_rows, expanded, tree)
-    # Backup with the embeddings of each path node's text and everything below it.
-    csum = jnp.concatenate([jnp.zeros_like(path_hidden[:, :1]), jnp.cumsum(path_hidden, axis=1)],
-                           axis=1)                                     # [B, P+1, H]
+    candidates = (jnp.where(use_one[..., None], one[0], m_tok),
+                  jnp.where(use_one, one[1], m_len), jnp.where(use_one, one[2], m_w),
+                  jnp.where(use_one, one[3], m_valid))
+    # Embedding each path node receives: mean hidden state of its text and all below.
+    csum = jnp.concatenate([jnp.zeros_like(path_hidden[:, :1]),
+                            jnp.cumsum(path_hidden, axis=1)], axis=1)    # [R, P_cap+1, H]
     total = jnp.take_along_axis(csum, path_len[:, None, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(csum, jnp.minimum(offsets, layout.path_cap)[..., None], axis=1)
+    before = jnp.take_along_axis(csum, jnp.minimum(offsets, layout.path_cap)[..., None],
+                                 axis=1)
     counts = (path_len[:, None] - offsets + rollout_len[:, None]).astype(jnp.float32)
-    embeds = (total[:, None] - before + rollout_hidden[:, None]) / jnp.maximum(counts, 1.0)[..., None]
-    backed = jax.vmap(tree_lib.backup, in_axes=(0, 0, 0, 0, 0, None, None, None))(
-        tree, path, depth + 1, value, embeds, cfg.sim_threshold, cfg.sim_weight,
-        cfg.similarity)
-    tree = _select_rows(active, backed, tree)
+    embeds = (total[:, None] - before + rollout_hidden[:, None]) / \
+        jnp.maximum(counts, 1.0)[..., None]
+    return cache, judge_state, dict(
+        value=value, expand=expand_rows, candidates=candidates, top_ids=top_ids,
+        top_vals=top_vals, embeds=embeds, truncated=truncated, depth_limited=depth_limited)
+
+  def _simulate(self, params, tables, st, active):
+    """One tick: P simulations per tree in `active` (P = 1: reference §3 exactly)."""
+    cfg, leaves = self.cfg, self.leaves
+    trees = _rows(active)
+    tree, cache, leaf, path, depth = self._select_leaves(params, st, active)
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])                    # [B, P, ...] -> [R, ...]
+    active_r = self._rep(active)
+    cache, judge_state, res = self._evaluate_leaves(
+        params, tables, st, tree, cache, flat(leaf), flat(path), flat(depth), active_r)
+    unflat = lambda x: x.reshape((-1, leaves) + x.shape[1:])
+    res = jax.tree.map(unflat, res)
+    for p in range(leaves):
+      pick = lambda x, p=p: x[:, p]
+      node = leaf[:, p]
+      # A leaf chosen twice in one tick is expanded once (the first time).
+      fresh = pick(res['expand']) & (tree.num_children[trees, node] == 0)
+      expanded = jax.vmap(tree_lib.expand)(tree, node, *(pick(c) for c in res['candidates']),
+                                           pick(res['top_ids']), pick(res['top_vals']))
+      tree = _select_rows(fresh, expanded, tree)
+      backed = jax.vmap(tree_lib.backup, in_axes=(0, 0, 0, 0, 0, None, None, None))(
+          tree, path[:, p], depth[:, p] + 1, pick(res['value']), pick(res['embeds']),
+          cfg.sim_threshold, cfg.sim_weight, cfg.similarity)
+      tree = _select_rows(active, backed, tree)
     # Early-stop rule (§2): the most visited child has fn > min_T and q > Vt.
     best = jax.vmap(tree_lib.most_visited_child)(tree, tree.root)
     safe = jnp.maximum(best, 0)
-    early = (best >= 0) & (tree.real_visits[rows, safe] > cfg.min_T) & \
-        (tree.value[rows, safe] > cfg.value_threshold)
+    early = (best >= 0) & (tree.real_visits[trees, safe] > cfg.min_T) & \
+        (tree.value[trees, safe] > cfg.value_threshold)
+    ran = active * leaves
     stats = dict(st.stats)
-    stats['simulations'] = stats['simulations'] + active
-    stats['judge_calls'] = stats['judge_calls'] + active
-    stats['rollout_truncations'] = stats['rollout_truncations'] + (active & truncated)
-    stats['depth_limited'] = stats['depth_limited'] + depth_limited
-    stats['max_depth'] = jnp.maximum(stats['max_depth'], jnp.where(active, depth, 0))
+    stats['simulations'] = stats['simulations'] + ran
+    stats['judge_calls'] = stats['judge_calls'] + ran
+    stats['rollout_truncations'] = stats['rollout_truncations'] + \
+        jnp.sum(res['truncated'] & active[:, None], axis=1)
+    stats['depth_limited'] = stats['depth_limited'] + jnp.sum(res['depth_limited'], axis=1)
+    stats['max_depth'] = jnp.maximum(stats['max_depth'],
+                                     jnp.max(jnp.where(active[:, None], depth, 0), axis=1))
     return st.replace(
         tree=tree, cache=cache, judge=judge_state,
-        sim=st.sim + active, step_sims=st.step_sims + active,
+        sim=st.sim + ran, step_sims=st.step_sims + ran,
         early=jnp.where(active, early, st.early), stats=stats)
 
   # ---- the whole generation
 
   def _generate(self, params, tables, prompt_tokens, prompt_lens, seeds, judge_inputs):
-    """RAIN answers for a batch: returns a dict of [B, ...] arrays (see `RainOutput`)."""
+    """RAIN answers for a batch of B prompts.
+
+    prompt_tokens [B, W] right-padded, prompt_lens [B], seeds [B] uint32, judge_inputs:
+    the judge's per-prompt inputs ([B, ...] leaves). Returns a dict of [B, ...] arrays:
+    answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims
+    (root children at each commit), overflow (tree children that did not fit)."""
     st = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)
 
     def body(st):
@@ -630,6 +755,6 @@ class Searcher:
                           lambda s: s, st)
 
     st = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, st)
-    return dict(answer=st.answer, answer_len=st.answer_len, stop_reason=st.stop_reason,
-                stats=st.stats, dump_tokens=st.dump_tokens, dump_stats=st.dump_stats,
-                dump_sims=st.dump_sims, overflow=st.tree.overflow)
+    return dict(answer=self._first(st.answer), answer_len=self._first(st.answer_len),
+                stop_reason=st.stop_reason, stats=st.stats, dump_tokens=st.dump_tokens,
+                dump_stats=st.dump_stats, dump_sims=st.dump_sims, overflow=st.tree.overflow)
