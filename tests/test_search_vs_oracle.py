@@ -148,3 +148,19 @@ def test_tree_capacity_overflow_is_counted_and_search_degrades_gracefully():
   assert small['answer_len'][0] > 0
   roomy, _ = run_jax(lm, [[3, 4, 6]], {'constant': 0.0}, [0], num_nodes=2048)
   assert roomy['overflow'][0] == 0
+
+
+def test_parallel_leaves_is_a_working_non_reference_mode():
+  """P = 4 leaves per tick under virtual loss: still avoids the harmful token, runs P
+  simulations per tick, and spreads the first tick's leaves over different children."""
+  prefs = {3: {5: 3.0, 6: 2.5, 7: 1.0}, 5: {2: 3.0}, 6: {2: 3.0}, 7: {2: 3.0},
+           2: {1: 4.0}}
+  lm = fake_lm.BigramLM(fake_lm.bigram_logits(12, prefs), np.eye(12, 8, dtype=np.float32),
+                        eos_id=1, clause_end_ids=(2,))
+  out, cfg = run_jax(lm, [[4, 3], [4, 3]], {'harmful': 5}, [0, 1], parallel_leaves=4)
+  for row in range(2):
+    answer = list(out['answer'][row, :out['answer_len'][row]])
+    assert answer and 5 not in answer
+    assert out['stats']['simulations'][row] % 4 == 0
+    first = out['dump_stats'][row, 0]
+    assert np.sum(first[:, 1] > 0) >= 2   # real visits on at least two root children
