@@ -112,7 +112,7 @@ class VanillaRunner:
       text = self.model.tokenizer.decode(text_ids, skip_special_tokens=True)
       records.append({
           'id': ex.id, 'task': self.task.name, 'method': 'vanilla', 'prompt': ex.prompt,
-          'question': ex.question, 'response': self.task.answer(text),
+          'question': ex.question, 'meta': ex.meta, 'response': self.task.answer(text),
           'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
           'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
           'batch_size': len(batch), 'compile_seconds': compile_seconds, 'seed': self.seed,
@@ -243,7 +243,7 @@ class RainRunner:
       stats = {k: int(v[i]) for k, v in out['stats'].items()}
       record = {
           'id': ex.id, 'task': self.task.name, 'method': 'rain', 'prompt': ex.prompt,
-          'question': ex.question, 'response': self.task.answer(text),
+          'question': ex.question, 'meta': ex.meta, 'response': self.task.answer(text),
           'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
           'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
           'batch_size': len(batch), 'compile_seconds': compile_seconds,

@@ -33,9 +33,17 @@ flags.DEFINE_bool('scan_layers', True, 'Scan over stacked layers (fast compiles;
 flags.DEFINE_string('mesh', '-1,1,1', 'Device mesh data,fsdp,tensor; -1 = the rest.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
 # Task.
-flags.DEFINE_string('task', 'hh', 'Task: hh or custom.')
-flags.DEFINE_string('prompt_file', None, 'custom: JSONL of {"id", "prompt"}, used verbatim.')
+flags.DEFINE_string('task', 'hh', 'Task: hh, adv, truthfulqa, sentiment or custom.')
+flags.DEFINE_string('prompt_file', None, 'custom: JSONL of {"id", "prompt"}.')
 flags.DEFINE_string('turn_marker', None, 'custom: text that ends an answer (optional).')
+flags.DEFINE_string('prompt_template', None, 'custom: template with one {prompt} '
+                    'placeholder (default: the prompt verbatim).')
+flags.DEFINE_string('judge_prompts', None, 'custom: judge prompt folder (a name under '
+                    'rain_jax/data/prompts, e.g. HH, or a path holding f2/r1/r2.txt).')
+flags.DEFINE_string('suffix_file', None, 'adv: GCG suffix file ([{"goal", "controls"}]; '
+                    'a name under rain_jax/data/gcg or a path).')
+flags.DEFINE_enum('target_sentiment', None, ['positive', 'negative'],
+                  'sentiment: the sentiment to steer continuations toward.')
 flags.DEFINE_integer('start', 0, 'First example index.')
 flags.DEFINE_integer('num_examples', 5, 'How many examples (-1: all).')
 flags.DEFINE_integer('shard_index', 0, 'This process answers the chosen examples whose '
@@ -148,10 +156,8 @@ def _run():
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   sharding.initialize_distributed(FLAGS.distributed)
-  task_options = {}
-  if FLAGS.task == 'custom':
-    task_options = dict(prompt_file=FLAGS.prompt_file, turn_marker=FLAGS.turn_marker)
-  task = tasks.get_task(FLAGS.task, **task_options)
+  task = tasks.get_task(FLAGS.task, **tasks.task_options(FLAGS.task,
+                                                         FLAGS.flag_values_dict()))
   examples = results.shard_examples(task.load_examples(FLAGS.start, FLAGS.num_examples),
                                     FLAGS.shard_index, FLAGS.num_shards)
   if not examples:
