@@ -270,42 +270,55 @@ def _answered_once(path, ids, methods):
   return keys == sorted((i, m) for i in ids for m in methods)
 
 
+def _count_records(path):
+  return len(results.read_records(str(path)))
+
+
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_answers_each_prompt_once(tiny, tmp_path):
-  """Start `rain_jax.run --method=both`, SIGKILL it at seeded random moments, restart.
+  """Start `rain_jax.run --method=both --batch_size=1`, SIGKILL it, restart, repeat.
 
-  After every kill: every complete line parses and no (id, method) repeats. At the end
-  (one run left to finish) each prompt has exactly one answer per method.
+  Each trial draws (seeded) how many new records to wait for (0: kill during start-up,
+  model load or the first prompt) and an extra 0-4 s, so kills land at every phase of a
+  run. After every kill: no line is torn, every line parses, no (id, method) repeats.
+  At the end one run finishes and each prompt has exactly one answer per method.
   """
   output = tmp_path / 'killed.jsonl'
-  search = ['--method=both', '--max_T=2', '--max_rollout=4', '--num_candidates=2',
-            '--max_children=2', '--num_nodes=64']
+  search = ['--method=both', '--max_T=2', '--max_rollout=8', '--batch_size=1']
   flags = _flags(tiny, output, *search)
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
   warm = test_cli._run_cli(*_flags(tiny, tmp_path / 'warm.jsonl', *search))
   assert warm.returncode == 0, warm.stderr  # fills the compilation cache
+  total = 2 * len(tiny['ids'])
   rng = random.Random(1234)
   trials = []
-  for _ in range(6):
+  for _ in range(10):
+    before = _count_records(output)
+    if before == total:
+      break
+    wait_for = rng.randint(0, min(3, total - before - 1))
+    extra = rng.uniform(0.0, 4.0)
     proc = subprocess.Popen([sys.executable, '-m', 'rain_jax.run', *flags], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    delay = rng.uniform(2.0, 25.0)
-    time.sleep(delay)
-    finished = proc.poll() is not None
+    started = time.time()
+    while proc.poll() is None and _count_records(output) < before + wait_for:
+      time.sleep(0.05)
+    time.sleep(extra)
+    exited_first = proc.poll() is not None
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     data = output.read_bytes() if output.exists() else b''
-    records = results.read_records(str(output))
-    keys = [(r['id'], r['method']) for r in records]
+    assert not data or data.endswith(b'\n')
+    keys = [(r['id'], r['method']) for r in results.read_records(str(output))]
     assert len(keys) == len(set(keys))
-    trials.append(dict(delay=round(delay, 1), finished=finished, records=len(records),
-                       torn_tail=bool(data) and not data.endswith(b'\n')))
+    trials.append(dict(after_s=round(time.time() - started, 1), records_before=before,
+                       records_after=len(keys), exited_before_kill=exited_first))
   final = test_cli._run_cli(*flags)
   assert final.returncode == 0, final.stderr
   assert _answered_once(str(output), tiny['ids'], ['vanilla', 'rain'])
   sidecar = json.load(open(str(output) + '.config.json'))
-  counts = [0] + [t['records'] for t in trials]
-  runs_that_wrote = sum(after > before for before, after in zip(counts, counts[1:]))
+  runs_that_wrote = sum(t['records_after'] > t['records_before'] for t in trials)
   assert len(sidecar['sessions']) >= runs_that_wrote + 1
+  assert sum(not t['exited_before_kill'] for t in trials) >= 5
   print('kill trials:', json.dumps(trials))

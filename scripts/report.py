@@ -1,0 +1,399 @@
+"""Reports: result files -> a Markdown table, a CSV and PNG plots.
+
+  python3 scripts/report.py --results=out/sweeps/maxT --out=out/sweeps/maxT/report
+  python3 scripts/report.py --results=a.jsonl,b.jsonl --scores=scores.jsonl --out=report
+
+--results takes result files (JSONL from `python -m rain_jax.run`) and folders (every
+*.jsonl below them). Rows are per (model, task, setting, method); the setting of a file
+is its sweep run's axis values other than model/task/flagfile (from the manifest.json of
+scripts/sweep.py in a given folder), else the answer flags that differ between the
+files' `<file>.config.json` sidecars. Shards (`<run>.shard<i>-of-<n>.jsonl`) of a run
+are merged; an (id, method) found twice in one group counts once.
+
+Columns: n (answers), mean new tokens, mean seconds per prompt (the records' `seconds`:
+batch wall time / batch size, compile time excluded), RAIN/vanilla time ratio (on RAIN
+rows: mean RAIN seconds / mean vanilla seconds over the prompts both answered in the
+group), mean simulations per committed token set (all simulations / all committed sets
+of the group's RAIN answers), then the mean of every metric in --scores.
+
+Scores (--scores, e.g. from scripts/evaluate.py): JSONL lines with "id" and "method",
+optionally "model", "task" and "run" (a sweep run name or a result file's stem) to narrow
+which answers they score, and numeric (or true/false) metric fields, at the top level or
+in a "scores" object. A score applies to every answer it matches.
+
+Plots (need matplotlib: `pip install -e .[report]`; --noplots skips them): mean seconds
+per prompt, RAIN/vanilla time ratio, simulations per committed set, and each metric,
+against model size (parameters, from the sidecars; model names in order when unknown).
+"""
+import collections
+import csv
+import glob
+import json
+import os
+import re
+import sys
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from rain_jax import results  # noqa: E402  (after the path set-up)
+
+FLAGS = flags.FLAGS
+
+SHARD_SUFFIX = re.compile(r'\.shard\d+-of-\d+$')
+IDENTITY_FLAGS = frozenset({'model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'task',
+                            'prompt_file', 'turn_marker'})
+IDENTITY_AXES = frozenset({'model', 'task', 'flagfile'})
+SCORE_KEYS = frozenset({'id', 'method', 'model', 'task', 'run'})
+METHODS = ('vanilla', 'rain')
+BASE_COLUMNS = ['model', 'parameters', 'task', 'setting', 'method', 'n', 'mean_new_tokens',
+                'mean_seconds', 'time_ratio_rain_vs_vanilla', 'simulations_per_set']
+
+
+class ReportError(ValueError):
+  """Bad report input."""
+
+
+def run_name(path: str) -> str:
+  """A result file's run: its file name without .jsonl and any shard suffix."""
+  return SHARD_SUFFIX.sub('', os.path.splitext(os.path.basename(path))[0])
+
+
+def find_result_files(paths):
+  """(sorted result files, {run name: settings} from the manifests of given folders)."""
+  files, settings = set(), {}
+  for path in paths:
+    if os.path.isdir(path):
+      files.update(glob.glob(os.path.join(path, '**', '*.jsonl'), recursive=True))
+      manifest = os.path.join(path, 'manifest.json')
+      if os.path.isfile(manifest):
+        with open(manifest, encoding='utf-8') as f:
+          for run in json.load(f)['runs']:
+            settings[run['name']] = {axis: label for axis, label in run['settings'].items()
+                                     if axis not in IDENTITY_AXES}
+    elif os.path.isfile(path):
+      files.add(path)
+    else:
+      raise ReportError(f'--results: {path} does not exist')
+  if not files:
+    raise ReportError(f'--results: no .jsonl result files in {", ".join(paths)}')
+  return sorted(files), settings
+
+
+def sidecar_settings(files):
+  """{file: settings} from the answer flags that differ between the files' sidecars."""
+  configs = {}
+  for path in files:
+    saved = results.read_config(path)
+    configs[path] = saved['config'] if saved else {}
+  names = set().union(*configs.values()) - IDENTITY_FLAGS
+  varying = sorted(n for n in names
+                   if len({json.dumps(c.get(n)) for c in configs.values()}) > 1)
+  return {path: {n: str(configs[path].get(n)) for n in varying} for path in files}
+
+
+def model_parameters(files):
+  """{model name: parameter count} from the sidecars' latest sessions."""
+  sizes = {}
+  for path in files:
+    saved = results.read_config(path)
+    if saved and saved['sessions']:
+      session = saved['sessions'][-1]
+      if session.get('model') and session.get('model_parameters'):
+        sizes[session['model']] = session['model_parameters']
+  return sizes
+
+
+def setting_label(settings: dict) -> str:
+  return ', '.join(f'{k}={v}' for k, v in settings.items())
+
+
+def load_answers(files, manifest_settings):
+  """{(model, task, setting, method): {id: record}} with record['_run'] = run name."""
+  from_sidecars = sidecar_settings(files)
+  groups = collections.defaultdict(dict)
+  duplicates = 0
+  for path in files:
+    run = run_name(path)
+    settings = manifest_settings.get(run, from_sidecars[path])
+    for record in results.read_records(path):
+      key = (str(record['model']), str(record['task']), setting_label(settings),
+             record['method'])
+      answer_id = str(record['id'])
+      if answer_id in groups[key]:
+        duplicates += 1
+        continue
+      groups[key][answer_id] = dict(record, _run=run)
+  if duplicates:
+    print(f'report.py: {duplicates} repeated (id, method) answers counted once',
+          file=sys.stderr)
+  return groups
+
+
+def numeric_fields(line: dict) -> dict:
+  """{metric: float} of a score line (top level and its "scores" object)."""
+  fields = {k: v for k, v in line.items() if k not in SCORE_KEYS and k != 'scores'}
+  fields.update(line.get('scores') or {})
+  return {k: float(v) for k, v in fields.items() if isinstance(v, (int, float, bool))}
+
+
+def read_scores(paths):
+  """Score lines from JSONL files: [{'match': {key: value}, 'metrics': {name: float}}]."""
+  scores = []
+  for path in paths:
+    if not os.path.isfile(path):
+      raise ReportError(f'--scores: {path} does not exist')
+    with open(path, encoding='utf-8') as f:
+      for number, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise ReportError(f'{path}:{number}: not valid JSON ({e.msg})') from None
+        if not isinstance(row, dict) or 'id' not in row or 'method' not in row:
+          raise ReportError(f'{path}:{number}: a score line needs "id" and "method"')
+        scores.append({'match': {k: str(row[k]) for k in SCORE_KEYS if k in row},
+                       'metrics': numeric_fields(row)})
+  return scores
+
+
+def attach_scores(groups, scores):
+  """Adds record['_metrics'] = {name: value} from every score line matching the record."""
+  by_answer = collections.defaultdict(list)
+  for score in scores:
+    by_answer[(score['match']['id'], score['match']['method'])].append(score)
+  for (model, task, _, method), answers in groups.items():
+    for answer_id, record in answers.items():
+      fields = {'model': model, 'task': task, 'run': record['_run']}
+      record['_metrics'] = {}
+      for score in by_answer.get((answer_id, method), []):
+        if all(score['match'].get(k, v) == v for k, v in fields.items()):
+          record['_metrics'].update(score['metrics'])
+
+
+def mean(values):
+  values = list(values)
+  return sum(values) / len(values) if values else None
+
+
+def summarize(groups, sizes):
+  """Table rows (dicts with BASE_COLUMNS and metric names), sorted; and the metric names."""
+  metrics = sorted({m for answers in groups.values() for r in answers.values()
+                    for m in r.get('_metrics', {})})
+  rows = []
+  for (model, task, setting, method), answers in groups.items():
+    records = list(answers.values())
+    row = {'model': model, 'parameters': sizes.get(model), 'task': task, 'setting': setting,
+           'method': method, 'n': len(records),
+           'mean_new_tokens': mean(r['num_new_tokens'] for r in records),
+           'mean_seconds': mean(r['seconds'] for r in records),
+           'time_ratio_rain_vs_vanilla': None, 'simulations_per_set': None}
+    if method == 'rain':
+      vanilla = groups.get((model, task, setting, 'vanilla'), {})
+      common = sorted(set(answers) & set(vanilla))
+      if common:
+        vanilla_seconds = mean(vanilla[i]['seconds'] for i in common)
+        if vanilla_seconds:
+          row['time_ratio_rain_vs_vanilla'] = (
+              mean(answers[i]['seconds'] for i in common) / vanilla_seconds)
+      sets = sum(r['search']['committed_sets'] for r in records if 'search' in r)
+      if sets:
+        row['simulations_per_set'] = sum(
+            r['search']['simulations'] for r in records if 'search' in r) / sets
+    for metric in metrics:
+      row[metric] = mean(r['_metrics'][metric] for r in records
+                         if metric in r.get('_metrics', {}))
+    rows.append(row)
+  order = {m: i for i, m in enumerate(METHODS)}
+  rows.sort(key=lambda r: (r['parameters'] or 0, r['model'], r['task'], r['setting'],
+                           order.get(r['method'], len(order)), r['method']))
+  return rows, metrics
+
+
+def human_count(n) -> str:
+  """135000000 -> '135M'."""
+  if n is None:
+    return ''
+  for size, suffix in ((1e12, 'T'), (1e9, 'B'), (1e6, 'M'), (1e3, 'K')):
+    if n >= size:
+      return f'{n / size:.3g}{suffix}'
+  return str(n)
+
+
+def format_cell(value, column) -> str:
+  if value is None:
+    return ''
+  if column == 'parameters':
+    return human_count(value)
+  if isinstance(value, float):
+    return f'{value:.3g}' if abs(value) < 1000 else f'{value:.0f}'
+  return str(value)
+
+
+COLUMN_TITLES = {
+    'model': 'model', 'parameters': 'params', 'task': 'task', 'setting': 'setting',
+    'method': 'method', 'n': 'n', 'mean_new_tokens': 'new tokens',
+    'mean_seconds': 's / prompt', 'time_ratio_rain_vs_vanilla': 'RAIN / vanilla time',
+    'simulations_per_set': 'sims / set',
+}
+
+
+def write_csv(path, rows, columns):
+  with open(path, 'w', newline='', encoding='utf-8') as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+      writer.writerow({c: '' if row.get(c) is None else row[c] for c in columns})
+
+
+def markdown(rows, columns, sources, plots):
+  """The report's Markdown text."""
+  lines = ['# rain_jax results', '',
+           f'From {len(sources)} result file(s): ' + ', '.join(f'`{s}`' for s in sources),
+           '', '| ' + ' | '.join(COLUMN_TITLES.get(c, c) for c in columns) + ' |',
+           '|' + '|'.join(' --- ' for _ in columns) + '|']
+  for row in rows:
+    lines.append('| ' + ' | '.join(format_cell(row.get(c), c) for c in columns) + ' |')
+  lines += ['', 's / prompt: batch wall time / batch size, compile time excluded. '
+            'RAIN / vanilla time: over the prompts both methods answered in the row\'s '
+            'group. sims / set: simulations per committed token set (RAIN).']
+  if plots:
+    lines += [''] + [f'![{name}]({name})' for name in plots]
+  return '\n'.join(lines) + '\n'
+
+
+def plot_series(rows, value, methods, sizes):
+  """{(task, setting, method): [(x, y, model)]} of the rows' `value` column."""
+  series = collections.defaultdict(list)
+  models = sorted({r['model'] for r in rows}, key=lambda m: (sizes.get(m) or 0, m))
+  all_sized = all(sizes.get(m) for m in models)
+  for row in rows:
+    if row['method'] in methods and row.get(value) is not None:
+      x = sizes[row['model']] if all_sized else models.index(row['model'])
+      series[(row['task'], row['setting'], row['method'])].append(
+          (x, row[value], row['model']))
+  return {k: sorted(v) for k, v in sorted(series.items())}, models, all_sized
+
+
+def draw(path, rows, value, methods, sizes, title, ylabel, reference_line=None):
+  """One PNG: `value` against model size, a line per (task, setting, method)."""
+  import matplotlib
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt
+  series, models, all_sized = plot_series(rows, value, methods, sizes)
+  if not series:
+    return False
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  keys = sorted({(task, setting) for task, setting, _ in series})
+  for (task, setting, method), points in series.items():
+    color = colors[keys.index((task, setting)) % len(colors)]
+    label = ', '.join(p for p in (task, setting) if p)
+    if len(methods) > 1:
+      label += f' ({"RAIN" if method == "rain" else method})'
+    xs, ys, _ = zip(*points)
+    ax.plot(xs, ys, marker='o' if method == 'rain' else 's', markersize=7,
+            linestyle='-' if method == 'rain' else '--', color=color, label=label)
+  if reference_line is not None:
+    ax.axhline(reference_line, color='gray', linewidth=1, linestyle=':',
+               label=f'y = {reference_line:g}')
+  ticks = [sizes[m] for m in models] if all_sized else list(range(len(models)))
+  if all_sized:
+    ax.set_xscale('log')
+    ax.set_xlim(min(ticks) / 2, max(ticks) * 2)
+    ax.minorticks_off()
+  else:
+    ax.set_xlim(-0.5, len(models) - 0.5)
+  ax.set_xticks(ticks)
+  ax.set_xticklabels([f'{m}\n{human_count(sizes.get(m))}' if all_sized else m
+                      for m in models], fontsize=9)
+  ax.set_xlabel('model (parameters, log scale)' if all_sized else 'model')
+  ax.set_ylabel(ylabel)
+  values = [y for points in series.values() for _, y, _ in points]
+  if min(values) >= 0:
+    ax.set_ylim(0, max(values) * 1.15 or 1)
+  ax.set_title(title)
+  ax.grid(True, axis='y', alpha=0.3)
+  ax.legend(fontsize=9, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return True
+
+
+def draw_plots(out, rows, metrics, sizes):
+  """Writes the PNGs into `out`; returns their file names."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    raise ReportError('the plots need matplotlib: pip install -e ".[report]" (or pass '
+                      '--noplots)') from None
+  specs = [
+      ('seconds_per_prompt.png', 'mean_seconds', METHODS,
+       'Mean wall time per prompt', 'seconds per prompt', None),
+      ('time_ratio.png', 'time_ratio_rain_vs_vanilla', ('rain',),
+       'RAIN wall time relative to vanilla decoding', 'RAIN / vanilla wall time (×)', 1.0),
+      ('simulations_per_set.png', 'simulations_per_set', ('rain',),
+       'RAIN search effort', 'simulations per committed token set', None),
+  ]
+  specs += [(f'metric_{safe_file(m)}.png', m, METHODS, f'{m}: RAIN and vanilla',
+             f'mean {m}', None) for m in metrics]
+  written = []
+  for name, value, methods, title, ylabel, line in specs:
+    if draw(os.path.join(out, name), rows, value, methods, sizes, title, ylabel, line):
+      written.append(name)
+  return written
+
+
+def safe_file(text):
+  return re.sub(r'[^A-Za-z0-9_.-]+', '_', text)
+
+
+def make_report(result_paths, score_paths, out, plots=True):
+  """Writes report.md, report.csv (and PNGs) into `out`; returns (rows, plot names)."""
+  files, manifest_settings = find_result_files(result_paths)
+  groups = load_answers(files, manifest_settings)
+  if not groups:
+    raise ReportError('the result files hold no answers')
+  attach_scores(groups, read_scores(score_paths))
+  sizes = model_parameters(files)
+  rows, metrics = summarize(groups, sizes)
+  columns = BASE_COLUMNS + metrics
+  os.makedirs(out, exist_ok=True)
+  plot_names = draw_plots(out, rows, metrics, sizes) if plots else []
+  write_csv(os.path.join(out, 'report.csv'), rows, columns)
+  with open(os.path.join(out, 'report.md'), 'w', encoding='utf-8') as f:
+    f.write(markdown(rows, columns, files, plot_names))
+  return rows, plot_names
+
+
+def define_flags():
+  """Defines the command-line flags (only when run as a script)."""
+  flags.DEFINE_list('results', [], 'Result files and/or folders.')
+  flags.DEFINE_list('scores', [], 'Score files (JSONL) to join on (model, task, run, id, '
+                    'method).')
+  flags.DEFINE_string('out', None, 'Report folder: report.md, report.csv, *.png.')
+  flags.DEFINE_bool('plots', True, 'Draw PNG plots (needs matplotlib).')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS.results or not FLAGS.out:
+    raise app.UsageError('--results and --out are required')
+  try:
+    rows, plot_names = make_report(FLAGS.results, FLAGS.scores, FLAGS.out, FLAGS.plots)
+  except (ReportError, ValueError, OSError) as e:
+    print(f'report.py: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  print(f'report.py: {len(rows)} rows, {len(plot_names)} plots in {FLAGS.out}',
+        file=sys.stderr)
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

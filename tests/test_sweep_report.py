@@ -1,0 +1,353 @@
+"""scripts/sweep.py, scripts/report.py, scripts/tpu_vm_setup.sh and configs/paper/.
+
+Oracles: absl's own flag parser reading the generated flagfiles with rain_jax.run's flag
+definitions, shlex reading the printed shell commands, hand-computed means over
+hand-written records, matplotlib reading the PNGs back, and git reading the checkout
+that tpu_vm_setup.sh makes through a stand-in `gcloud` that copies and runs locally.
+"""
+import copy
+import csv
+import glob
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from rain_jax import config, results
+from rain_jax import run as run_module
+from scripts import report, sweep
+from tests import test_cli
+
+REPO = test_cli.REPO
+PAPER = sorted(glob.glob(os.path.join(REPO, 'configs', 'paper', '*.flags')))
+
+
+def _absl_parse(flagfile):
+  """rain_jax.run's flags after absl reads `flagfile` (on a copy of the flag values)."""
+  values = copy.deepcopy(run_module.FLAGS)
+  values.unparse_flags()
+  values(['rain_jax.run', f'--flagfile={flagfile}'])
+  return values
+
+
+def _grid(tmp_path, **extra):
+  spec = {'name': 'demo', 'set': {'num_examples': 2, 'method': 'both', 'scan_layers': False},
+          'axes': {'task': ['hh', {'label': 'custom',
+                                   'flags': {'task': 'custom', 'prompt_file': 'p.jsonl'}}]}}
+  spec.update(extra)
+  path = tmp_path / 'grid.json'
+  path.write_text(json.dumps(spec))
+  return str(path)
+
+
+def test_grid_expands_into_flagfiles_that_absl_reads_back(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  spec = sweep.load_spec(_grid(tmp_path), ['max_T=2,4'], ['seed=7'])
+  runs = sweep.expand(spec, 'sw')
+  manifest = sweep.write_sweep(spec, runs, 'sw')
+  names = ['task-hh__max_T-2', 'task-hh__max_T-4', 'task-custom__max_T-2',
+           'task-custom__max_T-4']
+  assert [r['name'] for r in manifest['runs']] == names
+  assert manifest['axes'] == {'task': ['hh', 'custom'], 'max_T': ['2', '4']}
+  assert json.load(open('sw/manifest.json')) == manifest
+  assert open('sw/flags/task-custom__max_T-4.flags').read().splitlines()[1:] == [
+      '--num_examples=2', '--method=both', '--noscan_layers', '--seed=7', '--task=custom',
+      '--prompt_file=p.jsonl', '--max_T=4', '--output=sw/results/task-custom__max_T-4.jsonl']
+  for run, (task, max_t) in zip(manifest['runs'], itertools.product(['hh', 'custom'],
+                                                                    [2, 4])):
+    parsed = _absl_parse(run['flagfile'])
+    assert (parsed.task, parsed.max_T, parsed.seed, parsed.num_examples) == (task, max_t, 7, 2)
+    assert parsed.method == 'both' and parsed.scan_layers is False
+    assert parsed.output == run['output'] == f'sw/results/{run["name"]}.jsonl'
+    assert run['settings'] == {'task': task, 'max_T': str(max_t)}
+
+
+@pytest.mark.parametrize('bad,words', [
+    ({'axes': {'max_T': []}}, 'non-empty list'),
+    ({'axes': {'max_T': [2, 2]}}, 'repeated labels'),
+    ({'axes': {'task': [{'flags': {'task': 'hh'}}]}}, '"label" and "flags"'),
+    ({'colour': 'red'}, 'unknown'),
+    ({'flagfiles': ['absent.flags']}, 'absent.flags does not exist'),
+])
+def test_bad_grid_specs_raise(tmp_path, monkeypatch, bad, words):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(sweep.SpecError, match=words):
+    sweep.load_spec(_grid(tmp_path, **bad), [], [])
+
+
+def test_bad_axis_flag_raises():
+  with pytest.raises(sweep.SpecError, match='name=value'):
+    sweep.load_spec(None, ['max_T'], [])
+
+
+@pytest.mark.parametrize('path', PAPER, ids=os.path.basename)
+def test_paper_flagfiles_parse_and_name_their_weights(path):
+  parsed = _absl_parse(path)
+  assert parsed.task in config.TASK_DEFAULTS
+  assert parsed.method == 'both' and parsed.num_examples == -1
+  assert not (parsed.hf_dir or parsed.checkpoint or parsed.gguf)
+  values, weights = sweep.read_flagfile(path)
+  assert values['model'] == parsed.model
+  assert weights and os.path.basename(path) == f'{parsed.task}-{weights}.flags'
+  assert 'WEIGHTS ARE NOT INCLUDED' in open(path).read()
+
+
+def test_paper_settings_cover_the_papers_models():
+  names = {os.path.basename(p)[:-len('.flags')] for p in PAPER}
+  assert names == {
+      'hh-llama-7b', 'hh-llama-13b', 'hh-llama-30b', 'hh-llama-65b', 'hh-llama2-7b',
+      'hh-llama2-13b', 'hh-llama2-70b', 'adv-vicuna-7b', 'adv-vicuna-13b', 'adv-vicuna-33b',
+      'truth-llama2-13b-chat'}
+
+
+def test_checkpoint_root_adds_the_weights_folder(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)
+  paper = ['configs/paper/truth-llama2-13b-chat.flags', 'configs/paper/hh-llama-7b.flags']
+  spec = sweep.load_spec(None, ['flagfile=' + ','.join(paper)], [])
+  out = str(tmp_path / 'sw')
+  orbax = {r['name']: r['flags'][-2] for r in sweep.expand(spec, out, '/ckpt')}
+  assert orbax == {'truth-llama2-13b-chat': ('checkpoint', '/ckpt/llama2-13b-chat'),
+                   'hh-llama-7b': ('checkpoint', '/ckpt/llama-7b')}
+  hf = sweep.expand(spec, out, '/hf', 'hf')
+  assert hf[1]['flags'][-2] == ('hf_dir', '/hf/llama-7b')
+  assert hf[1]['settings'] == {'flagfile': 'hh-llama-7b'}
+  own = sweep.load_spec(None, ['flagfile=configs/paper/hh-llama-7b.flags'],
+                        ['hf_dir=/mine'])
+  assert ('checkpoint', '/ckpt/llama-7b') not in sweep.expand(own, out, '/ckpt')[0]['flags']
+  smol = sweep.load_spec(None, ['max_T=2'], ['model=smollm2-135m-instruct'])
+  assert [n for n, _ in sweep.expand(smol, out, '/ckpt')[0]['flags']] == [
+      'model', 'max_T', 'output']
+
+
+def test_print_gives_each_tpu_vm_one_shard(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  spec = sweep.load_spec(None, ['max_T=2,4'], ['model=llama-7b'])
+  runs = sweep.expand(spec, 'out/sw')
+  lines = sweep.tpu_commands(runs, 'out/sw', ['tpu-a', 'tpu-b'], 'us-central2-b', 2,
+                             'rain_jax', 'python3')
+  launches = [shlex.split(l) for l in lines if 'rain_jax.run' in l]
+  assert len(launches) == 4
+  seen = []
+  for words in launches:
+    assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', words[5]]
+    assert '--worker=all' in words and '--zone=us-central2-b' in words
+    remote = shlex.split(next(w for w in words if w.startswith('--command='))[10:])
+    assert remote[:5] == ['cd', 'rain_jax', '&&', 'python3', '-m']
+    args = dict(a.lstrip('-').partition('=')[::2] for a in remote[6:])
+    assert 'distributed' in args and args['num_shards'] == '2'
+    assert args['shard_index'] == str(['tpu-a', 'tpu-b'].index(words[5]))
+    seen.append((args['flagfile'], args['shard_index'], args['output']))
+  outputs = [o for _, _, o in seen]
+  assert len(set(outputs)) == 4
+  assert sorted(seen)[0] == ('out/sw/flags/max_T-2.flags', '0',
+                             'out/sw/results/max_T-2.shard0-of-2.jsonl')
+  assert all(report.run_name(o) in ('max_T-2', 'max_T-4') for o in outputs)
+  one_host = sweep.tpu_commands(runs, 'out/sw', ['tpu-a'], 'z', 1, 'rain_jax', 'python3')
+  assert not any('--distributed' in l for l in one_host)
+  with pytest.raises(sweep.SpecError, match='relative'):
+    sweep.tpu_commands(runs, '/abs/sw', ['tpu-a'], 'z', 1, 'rain_jax', 'python3')
+
+
+# ----- report.py on hand-written records -----
+
+
+def _rec(i, method, model, seconds, tokens, task='hh', sims=None, sets=None):
+  record = {'id': f'q{i}', 'method': method, 'model': model, 'task': task,
+            'seconds': seconds, 'num_new_tokens': tokens, 'response': 'r'}
+  if sims is not None:
+    record['search'] = {'simulations': sims, 'committed_sets': sets}
+  return record
+
+
+def _results_file(path, records, model, parameters, flag_values):
+  with results.ResultWriter(str(path)) as writer:
+    for record in records:
+      writer.write(record)
+  results.record_session(str(path), flag_values, {'model': model,
+                                                  'model_parameters': parameters})
+
+
+@pytest.fixture
+def two_models(tmp_path):
+  """Two models, vanilla and RAIN each; model 'big' split into two shard files."""
+  folder = tmp_path / 'res'
+  folder.mkdir()
+  small = [_rec(0, 'vanilla', 'small', 1.0, 4), _rec(1, 'vanilla', 'small', 3.0, 6),
+           _rec(0, 'rain', 'small', 5.0, 4, sims=30, sets=2),
+           _rec(1, 'rain', 'small', 9.0, 8, sims=20, sets=3),
+           _rec(2, 'rain', 'small', 100.0, 8, sims=50, sets=5)]  # no vanilla for q2
+  _results_file(folder / 'small.jsonl', small, 'small', 135_000_000,
+                {'model': 'small', 'task': 'hh', 'max_T': 2})
+  big0 = [_rec(0, 'vanilla', 'big', 2.0, 5), _rec(0, 'rain', 'big', 6.0, 5, sims=8, sets=1)]
+  big1 = [_rec(1, 'vanilla', 'big', 2.0, 7), _rec(1, 'rain', 'big', 10.0, 7, sims=8, sets=1),
+          _rec(0, 'rain', 'big', 999.0, 5, sims=1, sets=1)]  # q0 again: counted once
+  for i, records in enumerate([big0, big1]):
+    _results_file(folder / f'big.shard{i}-of-2.jsonl', records, 'big', 7_000_000_000,
+                  {'model': 'big', 'task': 'hh', 'max_T': 2})
+  scores = tmp_path / 'scores.jsonl'
+  scores.write_text('\n'.join(json.dumps(s) for s in [
+      {'id': 'q0', 'method': 'rain', 'model': 'small', 'harmless': True},
+      {'id': 'q1', 'method': 'rain', 'model': 'small', 'scores': {'harmless': 0}},
+      {'id': 'q0', 'method': 'vanilla', 'harmless': False},  # both models
+      {'id': 'q0', 'method': 'rain', 'model': 'big', 'harmless': 1.0, 'judge': 'gpt-4'},
+  ]) + '\n')
+  return folder, str(scores)
+
+
+def test_report_table_csv_and_plots_by_hand(two_models, tmp_path):
+  folder, scores = two_models
+  out = tmp_path / 'report'
+  rows, plots = report.make_report([str(folder)], [scores], str(out))
+  table = {(r['model'], r['method']): r for r in rows}
+  assert [(r['model'], r['method']) for r in rows] == [
+      ('small', 'vanilla'), ('small', 'rain'), ('big', 'vanilla'), ('big', 'rain')]
+  small_rain = table[('small', 'rain')]
+  assert small_rain['n'] == 3 and small_rain['parameters'] == 135_000_000
+  assert small_rain['mean_new_tokens'] == pytest.approx(20 / 3)
+  assert small_rain['mean_seconds'] == pytest.approx(38.0)
+  assert small_rain['time_ratio_rain_vs_vanilla'] == pytest.approx(7.0 / 2.0)  # q0, q1
+  assert small_rain['simulations_per_set'] == pytest.approx(100 / 10)
+  assert small_rain['harmless'] == pytest.approx(0.5)
+  assert table[('small', 'vanilla')]['harmless'] == 0.0
+  assert table[('small', 'vanilla')]['time_ratio_rain_vs_vanilla'] is None
+  big_rain = table[('big', 'rain')]
+  assert (big_rain['n'], big_rain['mean_seconds']) == (2, pytest.approx(8.0))
+  assert big_rain['time_ratio_rain_vs_vanilla'] == pytest.approx(4.0)
+  assert big_rain['simulations_per_set'] == pytest.approx(8.0)
+  assert big_rain['harmless'] == 1.0 and table[('big', 'vanilla')]['harmless'] == 0.0
+  assert all(r['setting'] == '' for r in rows)  # max_T is the same everywhere
+
+  with open(out / 'report.csv', newline='') as f:
+    csv_rows = list(csv.DictReader(f))
+  assert [float(r['mean_seconds']) for r in csv_rows] == pytest.approx([2.0, 38.0, 2.0, 8.0])
+  assert list(csv_rows[0])[-1] == 'harmless'
+  markdown = (out / 'report.md').read_text()
+  assert '| small | 135M | hh |  | rain | 3 | 6.67 | 38 | 3.5 | 10 | 0.5 |' in markdown
+  assert set(plots) == {'seconds_per_prompt.png', 'time_ratio.png',
+                        'simulations_per_set.png', 'metric_harmless.png'}
+  from matplotlib import image
+  for name in plots:
+    pixels = image.imread(out / name)
+    assert pixels.shape[:2] == (600, 960) and pixels.std() > 0.01
+    assert f'![{name}]({name})' in markdown
+
+
+def test_settings_from_a_manifest_or_from_differing_sidecars(tmp_path):
+  flags_for = lambda t: {'model': 'm', 'task': 'hh', 'max_T': t, 'seed': 0}
+  for t in (2, 4):
+    _results_file(tmp_path / f'max_T-{t}.jsonl',
+                  [_rec(0, 'rain', 'm', float(t), 3, sims=t, sets=1)], 'm', 10, flags_for(t))
+  rows, _ = report.make_report([str(tmp_path)], [], str(tmp_path / 'r1'), plots=False)
+  assert [(r['setting'], r['mean_seconds']) for r in rows] == [('max_T=2', 2.0),
+                                                               ('max_T=4', 4.0)]
+  manifest = {'runs': [{'name': f'max_T-{t}', 'settings': {'task': 'hh', 'max_T': f'T{t}'}}
+                       for t in (2, 4)]}
+  (tmp_path / 'manifest.json').write_text(json.dumps(manifest))
+  rows, _ = report.make_report([str(tmp_path)], [], str(tmp_path / 'r2'), plots=False)
+  assert [r['setting'] for r in rows] == ['max_T=T2', 'max_T=T4']
+  assert not (tmp_path / 'r2' / 'time_ratio.png').exists()
+
+
+def test_report_errors_name_the_problem(tmp_path):
+  with pytest.raises(report.ReportError, match='absent.jsonl does not exist'):
+    report.make_report([str(tmp_path / 'absent.jsonl')], [], str(tmp_path / 'r'))
+  with pytest.raises(report.ReportError, match='no .jsonl result files'):
+    report.make_report([str(tmp_path)], [], str(tmp_path / 'r'))
+  good = tmp_path / 'a.jsonl'
+  _results_file(good, [_rec(0, 'vanilla', 'm', 1.0, 2)], 'm', 10, {'task': 'hh'})
+  bad_scores = tmp_path / 'scores.jsonl'
+  bad_scores.write_text('{"id": "q0", "harmless": 1}\n')
+  with pytest.raises(report.ReportError, match=r'scores.jsonl:1: .*"id" and "method"'):
+    report.make_report([str(good)], [str(bad_scores)], str(tmp_path / 'r'))
+
+
+# ----- tpu_vm_setup.sh through a stand-in gcloud -----
+
+FAKE_GCLOUD = r'''#!/usr/bin/env bash
+# Stand-in for gcloud: logs its arguments; "scp SRC NAME:" copies into $FAKE_HOME,
+# "ssh ... --command=C" runs C in $FAKE_HOME (with a stand-in python3 on PATH).
+echo "$*" >> "$FAKE_HOME/../gcloud.log"
+if [[ $4 == scp ]]; then cp "$5" "$FAKE_HOME/"; fi
+if [[ $4 == ssh ]]; then
+  for arg in "$@"; do
+    if [[ $arg == --command=* ]]; then (cd "$FAKE_HOME" && bash -c "${arg#--command=}"); fi
+  done
+fi
+'''
+FAKE_PYTHON = '#!/usr/bin/env bash\necho "python3 $*" >> "$FAKE_HOME/../python.log"\n'
+
+
+def test_tpu_vm_setup_checks_out_head_and_installs_on_all_workers(tmp_path):
+  bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  home.mkdir()
+  for name, text in (('gcloud', FAKE_GCLOUD), ('python3', FAKE_PYTHON)):
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', FAKE_HOME=str(home))
+  script = os.path.join(REPO, 'scripts', 'tpu_vm_setup.sh')
+  for _ in range(2):  # a fresh clone, then an update of the existing checkout
+    done = subprocess.run(['bash', script, 'my-tpu', 'us-central2-b'], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+  head = subprocess.run(['git', '-C', REPO, 'rev-parse', 'HEAD'], capture_output=True,
+                        text=True, check=True).stdout.strip()
+  checkout = subprocess.run(['git', '-C', str(home / 'rain_jax'), 'rev-parse', 'HEAD'],
+                            capture_output=True, text=True, check=True).stdout.strip()
+  assert checkout == head
+  assert (home / 'rain_jax' / 'rain_jax' / 'run.py').is_file()
+  log = (tmp_path / 'gcloud.log').read_text().splitlines()
+  calls = [line for line in log if line.startswith('compute ')]  # the command spans lines
+  assert len(calls) == 4
+  assert calls[0].startswith('compute tpus tpu-vm scp ') and 'my-tpu:' in calls[0]
+  for call in calls:
+    assert '--zone=us-central2-b --worker=all' in call
+  pip = (tmp_path / 'python.log').read_text().splitlines()
+  assert pip[:2] == ['python3 -m pip install -q -U jax[tpu]',
+                     'python3 -m pip install -q -e ./rain_jax']
+  bad = subprocess.run(['bash', script, 'only-one-arg'], env=env, capture_output=True,
+                       text=True, check=False)
+  assert bad.returncode == 2 and 'usage' in bad.stderr
+
+
+# ----- the whole path on a tiny random HF LLaMA (slow) -----
+
+
+@pytest.mark.slow
+def test_sweep_runs_locally_and_reports(tmp_path):
+  hf_dir = tmp_path / 'tiny-llama'
+  test_cli._save_tiny_llama(hf_dir)
+  prompts = test_cli._write_jsonl(tmp_path / 'p.jsonl', [
+      {'id': 'a', 'prompt': 'Hello there, how are'}, {'id': 'b', 'prompt': 'One two'}])
+  grid = {'name': 'tiny', 'set': {
+      'hf_dir': str(hf_dir), 'tokenizer': test_cli.LLAMA_TOKENIZER, 'task': 'custom',
+      'prompt_file': prompts, 'num_examples': -1, 'method': 'both', 'max_new_tokens': 3,
+      'batch_size': 2, 'max_rollout': 8, 'compilation_cache': str(tmp_path / 'xla')},
+      'axes': {'max_T': [2, 3]}}
+  (tmp_path / 'grid.json').write_text(json.dumps(grid))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  out = tmp_path / 'sw'
+  swept = subprocess.run([sys.executable, 'scripts/sweep.py', f'--out={out}',
+                          f'--grid={tmp_path / "grid.json"}', '--run=local'], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=900, check=False)
+  assert swept.returncode == 0, swept.stderr[-3000:]
+  for t in (2, 3):
+    records = results.read_records(str(out / 'results' / f'max_T-{t}.jsonl'))
+    assert sorted((r['id'], r['method']) for r in records) == [
+        ('a', 'rain'), ('a', 'vanilla'), ('b', 'rain'), ('b', 'vanilla')]
+  made = subprocess.run([sys.executable, 'scripts/report.py', f'--results={out}',
+                         f'--out={out / "report"}'], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert made.returncode == 0, made.stderr
+  with open(out / 'report' / 'report.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['setting'], r['method'], r['n']) for r in rows] == [
+      ('max_T=2', 'vanilla', '2'), ('max_T=2', 'rain', '2'), ('max_T=3', 'vanilla', '2'),
+      ('max_T=3', 'rain', '2')]
+  assert all(float(r['time_ratio_rain_vs_vanilla']) > 0 for r in rows if r['method'] == 'rain')
+  assert (out / 'report' / 'time_ratio.png').is_file()
