@@ -16,10 +16,12 @@ rows: mean RAIN seconds / mean vanilla seconds over the prompts both answered in
 group), mean simulations per committed token set (all simulations / all committed sets
 of the group's RAIN answers), then the mean of every metric in --scores.
 
-Scores (--scores, e.g. from scripts/evaluate.py): JSONL lines with "id" and "method",
-optionally "model", "task" and "run" (a sweep run name or a result file's stem) to narrow
-which answers they score, and numeric (or true/false) metric fields, at the top level or
-in a "scores" object. A score applies to every answer it matches.
+Scores (--scores, e.g. the --scores_out of scripts/evaluate.py): JSONL lines with "id"
+and "method", optionally "model", "task" and "run" (a sweep run name or a result file's
+stem) to narrow which answers they score. Every other number or true/false in a line is
+a metric (nested objects give dotted names: {"bleu": {"diff": 0.2}} -> "bleu.diff");
+text and lists are ignored. A score applies to every answer it matches, so give scores
+of several models' answers a "model" field (or report them separately).
 
 Plots (need matplotlib: `pip install -e .[report]`; --noplots skips them): mean seconds
 per prompt, RAIN/vanilla time ratio, simulations per committed set, and each metric,
@@ -133,11 +135,17 @@ def load_answers(files, manifest_settings):
   return groups
 
 
-def numeric_fields(line: dict) -> dict:
-  """{metric: float} of a score line (top level and its "scores" object)."""
-  fields = {k: v for k, v in line.items() if k not in SCORE_KEYS and k != 'scores'}
-  fields.update(line.get('scores') or {})
-  return {k: float(v) for k, v in fields.items() if isinstance(v, (int, float, bool))}
+def numeric_fields(line: dict, prefix: str = '') -> dict:
+  """{metric: float} of a score line: its numbers and booleans, nested names dotted."""
+  fields = {}
+  for key, value in line.items():
+    if not prefix and key in SCORE_KEYS:
+      continue
+    if isinstance(value, dict):
+      fields.update(numeric_fields(value, f'{prefix}{key}.'))
+    elif isinstance(value, (int, float, bool)):
+      fields[prefix + key] = float(value)
+  return fields
 
 
 def read_scores(paths):

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from rain_jax import config, results
+from rain_jax import results, tasks
 from rain_jax import run as run_module
 from scripts import report, sweep
 from tests import test_cli
@@ -87,7 +87,7 @@ def test_bad_axis_flag_raises():
 @pytest.mark.parametrize('path', PAPER, ids=os.path.basename)
 def test_paper_flagfiles_parse_and_name_their_weights(path):
   parsed = _absl_parse(path)
-  assert parsed.task in config.TASK_DEFAULTS
+  assert parsed.task in tasks.TASKS
   assert parsed.method == 'both' and parsed.num_examples == -1
   assert not (parsed.hf_dir or parsed.checkpoint or parsed.gguf)
   values, weights = sweep.read_flagfile(path)
@@ -101,16 +101,16 @@ def test_paper_settings_cover_the_papers_models():
   assert names == {
       'hh-llama-7b', 'hh-llama-13b', 'hh-llama-30b', 'hh-llama-65b', 'hh-llama2-7b',
       'hh-llama2-13b', 'hh-llama2-70b', 'adv-vicuna-7b', 'adv-vicuna-13b', 'adv-vicuna-33b',
-      'truth-llama2-13b-chat'}
+      'truthfulqa-llama2-13b-chat'}
 
 
 def test_checkpoint_root_adds_the_weights_folder(tmp_path, monkeypatch):
   monkeypatch.chdir(REPO)
-  paper = ['configs/paper/truth-llama2-13b-chat.flags', 'configs/paper/hh-llama-7b.flags']
+  paper = ['configs/paper/truthfulqa-llama2-13b-chat.flags', 'configs/paper/hh-llama-7b.flags']
   spec = sweep.load_spec(None, ['flagfile=' + ','.join(paper)], [])
   out = str(tmp_path / 'sw')
   orbax = {r['name']: r['flags'][-2] for r in sweep.expand(spec, out, '/ckpt')}
-  assert orbax == {'truth-llama2-13b-chat': ('checkpoint', '/ckpt/llama2-13b-chat'),
+  assert orbax == {'truthfulqa-llama2-13b-chat': ('checkpoint', '/ckpt/llama2-13b-chat'),
                    'hh-llama-7b': ('checkpoint', '/ckpt/llama-7b')}
   hf = sweep.expand(spec, out, '/hf', 'hf')
   assert hf[1]['flags'][-2] == ('hf_dir', '/hf/llama-7b')
@@ -191,7 +191,8 @@ def two_models(tmp_path):
   scores = tmp_path / 'scores.jsonl'
   scores.write_text('\n'.join(json.dumps(s) for s in [
       {'id': 'q0', 'method': 'rain', 'model': 'small', 'harmless': True},
-      {'id': 'q1', 'method': 'rain', 'model': 'small', 'scores': {'harmless': 0}},
+      {'id': 'q1', 'method': 'rain', 'model': 'small', 'harmless': 0, 'refusal': 'no',
+       'bleu': {'truthful': True, 'diff': 0.25}, 'p_harmless': [0.1, 0.2]},
       {'id': 'q0', 'method': 'vanilla', 'harmless': False},  # both models
       {'id': 'q0', 'method': 'rain', 'model': 'big', 'harmless': 1.0, 'judge': 'gpt-4'},
   ]) + '\n')
@@ -212,6 +213,8 @@ def test_report_table_csv_and_plots_by_hand(two_models, tmp_path):
   assert small_rain['time_ratio_rain_vs_vanilla'] == pytest.approx(7.0 / 2.0)  # q0, q1
   assert small_rain['simulations_per_set'] == pytest.approx(100 / 10)
   assert small_rain['harmless'] == pytest.approx(0.5)
+  assert (small_rain['bleu.truthful'], small_rain['bleu.diff']) == (1.0, 0.25)
+  assert table[('big', 'rain')]['bleu.diff'] is None
   assert table[('small', 'vanilla')]['harmless'] == 0.0
   assert table[('small', 'vanilla')]['time_ratio_rain_vs_vanilla'] is None
   big_rain = table[('big', 'rain')]
@@ -224,11 +227,13 @@ def test_report_table_csv_and_plots_by_hand(two_models, tmp_path):
   with open(out / 'report.csv', newline='') as f:
     csv_rows = list(csv.DictReader(f))
   assert [float(r['mean_seconds']) for r in csv_rows] == pytest.approx([2.0, 38.0, 2.0, 8.0])
-  assert list(csv_rows[0])[-1] == 'harmless'
+  assert list(csv_rows[0])[-3:] == ['bleu.diff', 'bleu.truthful', 'harmless']
   markdown = (out / 'report.md').read_text()
-  assert '| small | 135M | hh |  | rain | 3 | 6.67 | 38 | 3.5 | 10 | 0.5 |' in markdown
-  assert set(plots) == {'seconds_per_prompt.png', 'time_ratio.png',
-                        'simulations_per_set.png', 'metric_harmless.png'}
+  assert ('| small | 135M | hh |  | rain | 3 | 6.67 | 38 | 3.5 | 10 | 0.25 | 1 | 0.5 |'
+          in markdown)
+  assert set(plots) == {'seconds_per_prompt.png', 'time_ratio.png', 'simulations_per_set.png',
+                        'metric_harmless.png', 'metric_bleu.diff.png',
+                        'metric_bleu.truthful.png'}
   from matplotlib import image
   for name in plots:
     pixels = image.imread(out / name)
