@@ -1,0 +1,11 @@
+"""Offline evaluation of rain_jax results (issue 4 §2).
+
+* `refusal`: attack success rate on adv (the GCG refusal-substring test).
+* `ngram`: sentence BLEU-4 and ROUGE-L, written here, for the TruthfulQA metric.
+* `truthfulqa`: reference answers and the true-minus-false similarity metric.
+* `sentiment`: VADER compound score of a continuation.
+* `ab_scoring`: the HH A/B judge prompt scored with full forward passes of a model.
+* `judged`: self-evaluation accuracy on HH pairs, and harmlessness of responses.
+* `export`: RAIN/vanilla answer pairs with a pairwise prompt for an external judge.
+* `records`, `stats`: reading results files, grouping, binomial intervals.
+"""
