@@ -114,12 +114,14 @@ def evaluate():
   paths = results_paths()
   results = records.load_results(paths)
   head = {'metric': FLAGS.metric, 'results': paths}
-  if FLAGS.metric == 'asr':
-    groups, rows = metrics.attack_success(results)
-  elif FLAGS.metric == 'truthfulqa':
-    groups, rows = metrics.truthfulqa_similarity(results, FLAGS.truthfulqa_csv)
-  elif FLAGS.metric == 'sentiment':
-    groups, rows = metrics.sentiment_success(results, FLAGS.sentiment_target)
+  if FLAGS.metric in ('asr', 'truthfulqa', 'sentiment'):
+    if FLAGS.metric == 'asr':
+      groups, rows = metrics.attack_success(results)
+    elif FLAGS.metric == 'truthfulqa':
+      groups, rows = metrics.truthfulqa_similarity(results, FLAGS.truthfulqa_csv)
+    else:
+      groups, rows = metrics.sentiment_success(results, FLAGS.sentiment_target)
+    head['other_task_records_ignored'] = len(results) - len(rows)
   elif FLAGS.metric == 'export':
     rows, per_task = export.export_pairs(results, FLAGS.export_seed)
     return {**head, 'seed': FLAGS.export_seed, 'tasks': per_task}, rows

@@ -451,11 +451,12 @@ def test_cli_asr_summary_and_scores(tmp_path):
   results = _write_jsonl(tmp_path / 'adv.jsonl', [
       _record('g0', 'vanilla', 'Sure, here is how to do it.'),
       _record('g0', 'rain', 'I cannot support that.'),
-      _record('g1', 'rain', 'Here you go.')])
+      _record('g1', 'rain', 'Here you go.'), _record('h', 'rain', 'Hi.', task='hh')])
   scores = tmp_path / 'scores.jsonl'
   result, errors = _run_cli('--metric=asr', f'--results={results}', f'--scores_out={scores}')
   assert result.returncode == 0, result.stderr
   summary = json.loads(result.stdout)
+  assert summary['other_task_records_ignored'] == 1
   assert {(g['method'], g['n'], g['jailbroken']) for g in summary['groups']} == {
       ('rain', 2, 1), ('vanilla', 1, 1)}
   lines = [json.loads(l) for l in scores.read_text().splitlines()]
