@@ -252,12 +252,19 @@ def test_rotated_batch_gives_each_row_the_same_result(searcher, params, judges, 
 
 @pytest.mark.slow
 def test_rows_one_by_one_equal_the_batch(params, judges, baseline):
-  """Batch size 1 (another compiled program): each prompt alone gives its batch row."""
+  """Batch size 1 (another compiled program): each prompt alone gives its batch row.
+
+  Tokens, counts and stop reasons must be equal; the float statistics may differ in the
+  last bits, as XLA may order the float operations of a 1-row program differently
+  (priors were seen to differ by ~3e-8)."""
   single = search.Searcher(engine.llama_model_fns(MODEL), fake_jax.ScriptedJudge(), CFG,
                            PROMPT_WIDTH)
   for row in range(len(PROMPTS)):
-    alone = run(single, params, [PROMPTS[row]], [SEEDS[row]], [judges[row]])
-    assert row_of(alone, 0) == row_of(baseline, row)
+    alone, batched = row_of(run(single, params, [PROMPTS[row]], [SEEDS[row]],
+                                [judges[row]]), 0), row_of(baseline, row)
+    np.testing.assert_allclose(alone.pop('dump_stats'), batched.pop('dump_stats'),
+                               atol=1e-6, rtol=0)
+    assert alone == batched
 
 
 # ------------------------------------------------------------------ 8 devices, meshes
