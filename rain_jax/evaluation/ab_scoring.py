@@ -194,7 +194,7 @@ class ABScorer:
     self.length_bucket = length_bucket
     self.label_ids = np.array([next_token_id(tokenizer, LABEL_CONTEXT, letter)
                                for letter in LETTERS], np.int32)
-    self._prefix_caches = {}
+    self._last_prefix = None
 
   def encode(self, conversation: str) -> tuple:
     """Token ids of the two judge texts of `conversation` (order 1, order 2)."""
@@ -207,12 +207,12 @@ class ABScorer:
     """Whether both judge texts fit the model's context."""
     return max(len(ids) for ids in self.encode(conversation)) <= self.config.max_seq_len
 
-  def _prefix_cache(self, prefix):
-    """The prefix's KV cache (only the last prefix is kept)."""
-    if prefix not in self._prefix_caches:
-      self._prefix_caches = {prefix: prefill_prefix(self.config, self.params,
-                                                    jnp.asarray([prefix], jnp.int32))}
-    return self._prefix_caches[prefix]
+  def _prefix_cache(self, prefix: tuple):
+    """The KV cache of the token prefix (the last one computed is kept for reuse)."""
+    if self._last_prefix is None or self._last_prefix[0] != prefix:
+      cache = prefill_prefix(self.config, self.params, jnp.asarray([prefix], jnp.int32))
+      self._last_prefix = (prefix, cache)
+    return self._last_prefix[1]
 
   def label_logprobs(self, conversations: list, group: int = 1) -> np.ndarray:
     """float32 [N, 2, 2]: log P(label) for (order, label A/B) of each conversation.
