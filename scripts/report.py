@@ -274,56 +274,96 @@ def markdown(rows, columns, sources, plots):
   return '\n'.join(lines) + '\n'
 
 
-def plot_series(rows, value, methods, sizes):
-  """{(task, setting, method): [(x, y, model)]} of the rows' `value` column."""
-  series = collections.defaultdict(list)
+def x_axis(rows, sizes):
+  """How the plots lay out their x axis: (mode, categories).
+
+  'size': several models, all of known size (log scale of parameters); 'model': several
+  models, some of unknown size (model names in order); 'setting': one model (its
+  settings side by side).
+  """
   models = sorted({r['model'] for r in rows}, key=lambda m: (sizes.get(m) or 0, m))
-  all_sized = all(sizes.get(m) for m in models)
+  if len(models) > 1:
+    return ('size' if all(sizes.get(m) for m in models) else 'model'), models
+  settings = list(dict.fromkeys(r['setting'] for r in rows))
+  return 'setting', settings
+
+
+def plot_series(rows, value, methods, mode, categories, sizes):
+  """{series key: [(x, y)]} of the rows' `value`; the key is (task, setting, method),
+  or (task, method) when the settings are on the x axis."""
+  series = collections.defaultdict(list)
   for row in rows:
-    if row['method'] in methods and row.get(value) is not None:
-      x = sizes[row['model']] if all_sized else models.index(row['model'])
-      series[(row['task'], row['setting'], row['method'])].append(
-          (x, row[value], row['model']))
-  return {k: sorted(v) for k, v in sorted(series.items())}, models, all_sized
+    if row['method'] not in methods or row.get(value) is None:
+      continue
+    if mode == 'setting':
+      key, x = (row['task'], row['method']), categories.index(row['setting'])
+    else:
+      key = (row['task'], row['setting'], row['method'])
+      x = sizes[row['model']] if mode == 'size' else categories.index(row['model'])
+    series[key].append((x, row[value]))
+  return {k: sorted(v) for k, v in sorted(series.items())}
+
+
+def series_label(key, methods):
+  *parts, method = key
+  label = ', '.join(p for p in parts if p)
+  if len(methods) > 1:
+    label += f' ({"RAIN" if method == "rain" else method})'
+  return label
 
 
 def draw(path, rows, value, methods, sizes, title, ylabel, reference_line=None):
-  """One PNG: `value` against model size, a line per (task, setting, method)."""
+  """One PNG: `value` against model size (or settings, for one model), a line per series.
+
+  Categorical x positions are dodged a little per series so that equal values stay
+  visible; a y range over more than 30x is drawn on a log scale.
+  """
   import matplotlib
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt
-  series, models, all_sized = plot_series(rows, value, methods, sizes)
+  mode, categories = x_axis(rows, sizes)
+  series = plot_series(rows, value, methods, mode, categories, sizes)
   if not series:
     return False
   fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
   colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-  keys = sorted({(task, setting) for task, setting, _ in series})
-  for (task, setting, method), points in series.items():
-    color = colors[keys.index((task, setting)) % len(colors)]
-    label = ', '.join(p for p in (task, setting) if p)
-    if len(methods) > 1:
-      label += f' ({"RAIN" if method == "rain" else method})'
-    xs, ys, _ = zip(*points)
+  groups = sorted({key[:-1] for key in series})
+  for number, (key, points) in enumerate(series.items()):
+    method = key[-1]
+    xs, ys = zip(*points)
+    if mode != 'size':
+      xs = [x + 0.05 * (number - (len(series) - 1) / 2) for x in xs]
     ax.plot(xs, ys, marker='o' if method == 'rain' else 's', markersize=7,
-            linestyle='-' if method == 'rain' else '--', color=color, label=label)
+            linestyle='-' if method == 'rain' else '--',
+            color=colors[groups.index(key[:-1]) % len(colors)],
+            label=series_label(key, methods))
   if reference_line is not None:
     ax.axhline(reference_line, color='gray', linewidth=1, linestyle=':',
                label=f'y = {reference_line:g}')
-  ticks = [sizes[m] for m in models] if all_sized else list(range(len(models)))
-  if all_sized:
+  if mode == 'size':
+    ticks = [sizes[m] for m in categories]
     ax.set_xscale('log')
     ax.set_xlim(min(ticks) / 2, max(ticks) * 2)
     ax.minorticks_off()
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f'{m}\n{human_count(sizes[m])}' for m in categories], fontsize=9)
+    ax.set_xlabel('model (parameters, log scale)')
   else:
-    ax.set_xlim(-0.5, len(models) - 0.5)
-  ax.set_xticks(ticks)
-  ax.set_xticklabels([f'{m}\n{human_count(sizes.get(m))}' if all_sized else m
-                      for m in models], fontsize=9)
-  ax.set_xlabel('model (parameters, log scale)' if all_sized else 'model')
-  ax.set_ylabel(ylabel)
-  values = [y for points in series.values() for _, y, _ in points]
-  if min(values) >= 0:
+    ax.set_xlim(-0.5, len(categories) - 0.5)
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels([c or 'default' for c in categories], fontsize=9)
+    ax.set_xlabel('model' if mode == 'model' else 'setting')
+  if mode == 'setting':
+    model = rows[0]['model']
+    size = human_count(sizes.get(model))
+    title += f' - {model}' + (f' ({size} parameters)' if size else '')
+  values = [y for points in series.values() for _, y in points]
+  if min(values) > 0 and max(values) / min(values) > 30:
+    ax.set_yscale('log')
+    ylabel += ' (log scale)'
+  elif min(values) >= 0:
     ax.set_ylim(0, max(values) * 1.15 or 1)
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(True, axis='y', alpha=0.3)
   ax.legend(fontsize=9, loc='center left', bbox_to_anchor=(1.01, 0.5), frameon=False)

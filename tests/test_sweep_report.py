@@ -257,6 +257,18 @@ def test_settings_from_a_manifest_or_from_differing_sidecars(tmp_path):
   assert not (tmp_path / 'r2' / 'time_ratio.png').exists()
 
 
+def test_plots_put_model_size_or_settings_on_the_x_axis():
+  rows = [{'model': m, 'setting': t, 'task': 'hh', 'method': 'rain', 'mean_seconds': 1.0}
+          for m in ('b', 'a') for t in ('max_T=2', 'max_T=4')]
+  assert report.x_axis(rows, {'a': 7e9, 'b': 1e8}) == ('size', ['b', 'a'])
+  assert report.x_axis(rows, {'a': 7e9}) == ('model', ['b', 'a'])  # unknown sizes first
+  one_model = [r for r in rows if r['model'] == 'a']
+  mode, categories = report.x_axis(one_model, {'a': 7e9})
+  assert (mode, categories) == ('setting', ['max_T=2', 'max_T=4'])
+  assert report.plot_series(one_model, 'mean_seconds', ('rain',), mode, categories, {}) == {
+      ('hh', 'rain'): [(0, 1.0), (1, 1.0)]}
+
+
 def test_report_errors_name_the_problem(tmp_path):
   with pytest.raises(report.ReportError, match='absent.jsonl does not exist'):
     report.make_report([str(tmp_path / 'absent.jsonl')], [], str(tmp_path / 'r'))
