@@ -1,8 +1,9 @@
 """Sweeps: expand a grid of settings into flagfiles, then run them here or on TPU VMs.
 
-  python3 scripts/sweep.py --out=out/sweeps/maxT --grid=grid.json
-  python3 scripts/sweep.py --out=out/sweeps/maxT --set=num_examples=2 \\
-      --axis=task=hh,custom --axis=max_T=2,4 --run=local
+  python3 scripts/sweep.py --out=out/sweeps/tiny --grid=configs/sweeps/smollm2_tiny.json \\
+      --run=local
+  python3 scripts/sweep.py --out=out/sweeps/maxT --set=num_examples=2 --set=method=both \\
+      --axis=max_T=2,4 --axis=seed=0,1 --run=local
   python3 scripts/sweep.py --out=out/sweeps/paper --checkpoint_root=/ckpt \\
       --axis=flagfile=configs/paper/hh-llama-30b.flags,configs/paper/hh-llama-65b.flags \\
       --run=print --tpu_names=rain-a,rain-b --zone=us-central2-b --hosts_per_tpu=2
@@ -294,21 +295,24 @@ def tpu_commands(runs, out, tpu_names, zone, hosts_per_tpu, remote_dir, python):
   count = len(tpu_names)
   distributed = ' --distributed' if hosts_per_tpu > 1 else ''
   parent = f'{remote_dir}/{os.path.dirname(os.path.normpath(out)) or "."}'
-  lines = ['# 1. Copy the sweep folder to every worker of every TPU VM.']
+  lines = ['# 0. Once per TPU VM (and after each new commit): scripts/tpu_vm_setup.sh NAME ZONE',
+           '# 1. Copy the sweep folder to every worker of every TPU VM.']
   for tpu in tpu_names:
     lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '
                  f'--command={q("mkdir -p " + parent)}')
     lines.append(f'gcloud compute tpus tpu-vm scp --recurse {q(out)} {q(tpu + ":" + parent)}'
                  f' --zone={q(zone)} --worker=all')
-  lines.append(f'# 2. Run: each TPU VM is shard <its position> of {count}'
-               + (f'; its {hosts_per_tpu} hosts form one JAX job.' if distributed else '.'))
-  for run in runs:
-    for index, tpu in enumerate(tpu_names):
-      remote = (f'cd {remote_dir} && {python} -m rain_jax.run '
-                f'--flagfile={q(run["flagfile"])}{distributed} --shard_index={index} '
-                f'--num_shards={count} --output={q(shard_output(run["output"], index, count))}')
-      lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '
-                   f'--command={q(remote)}')
+  lines.append(f'# 2. Run, all TPU VMs at once, each the runs in turn: TPU VM i is shard i '
+               f'of {count}' + (f'; its {hosts_per_tpu} hosts form one JAX job' if distributed
+                                else '') + '. Rerun to resume after a failure.')
+  for index, tpu in enumerate(tpu_names):
+    commands = [f'{python} -m rain_jax.run --flagfile={q(run["flagfile"])}{distributed} '
+                f'--shard_index={index} --num_shards={count} '
+                f'--output={q(shard_output(run["output"], index, count))}' for run in runs]
+    remote = f'cd {remote_dir} || exit 1' + ''.join(f' ; {c}' for c in commands)
+    lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '
+                 f'--command={q(remote)} &')
+  lines.append('wait')
   lines.append('# 3. Fetch the results (worker 0 of each TPU VM holds its shard).')
   results_dir = os.path.join(out, 'results')
   for tpu in tpu_names:

@@ -127,25 +127,31 @@ def test_print_gives_each_tpu_vm_one_shard(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   spec = sweep.load_spec(None, ['max_T=2,4'], ['model=llama-7b'])
   runs = sweep.expand(spec, 'out/sw')
-  lines = sweep.tpu_commands(runs, 'out/sw', ['tpu-a', 'tpu-b'], 'us-central2-b', 2,
-                             'rain_jax', 'python3')
+  tpus = ['tpu-a', 'tpu-b']
+  lines = sweep.tpu_commands(runs, 'out/sw', tpus, 'us-central2-b', 2, 'rain_jax', 'python3')
   launches = [shlex.split(l) for l in lines if 'rain_jax.run' in l]
-  assert len(launches) == 4
+  assert len(launches) == 2 and 'wait' in lines
   seen = []
   for words in launches:
-    assert words[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', words[5]]
+    tpu = words[5]
+    assert words[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'] and words[-1] == '&'
     assert '--worker=all' in words and '--zone=us-central2-b' in words
-    remote = shlex.split(next(w for w in words if w.startswith('--command='))[10:])
-    assert remote[:5] == ['cd', 'rain_jax', '&&', 'python3', '-m']
-    args = dict(a.lstrip('-').partition('=')[::2] for a in remote[6:])
-    assert 'distributed' in args and args['num_shards'] == '2'
-    assert args['shard_index'] == str(['tpu-a', 'tpu-b'].index(words[5]))
-    seen.append((args['flagfile'], args['shard_index'], args['output']))
-  outputs = [o for _, _, o in seen]
-  assert len(set(outputs)) == 4
-  assert sorted(seen)[0] == ('out/sw/flags/max_T-2.flags', '0',
-                             'out/sw/results/max_T-2.shard0-of-2.jsonl')
-  assert all(report.run_name(o) in ('max_T-2', 'max_T-4') for o in outputs)
+    remote = next(w for w in words if w.startswith('--command='))[len('--command='):]
+    first, *commands = remote.split(' ; ')
+    assert first == 'cd rain_jax || exit 1' and len(commands) == 2
+    for command in commands:
+      argv = shlex.split(command)
+      assert argv[:3] == ['python3', '-m', 'rain_jax.run']
+      args = dict(a.lstrip('-').partition('=')[::2] for a in argv[3:])
+      assert 'distributed' in args and args['num_shards'] == '2'
+      assert args['shard_index'] == str(tpus.index(tpu))
+      seen.append((args['flagfile'], args['shard_index'], args['output']))
+  assert sorted(seen) == [
+      ('out/sw/flags/max_T-2.flags', '0', 'out/sw/results/max_T-2.shard0-of-2.jsonl'),
+      ('out/sw/flags/max_T-2.flags', '1', 'out/sw/results/max_T-2.shard1-of-2.jsonl'),
+      ('out/sw/flags/max_T-4.flags', '0', 'out/sw/results/max_T-4.shard0-of-2.jsonl'),
+      ('out/sw/flags/max_T-4.flags', '1', 'out/sw/results/max_T-4.shard1-of-2.jsonl')]
+  assert {report.run_name(o) for _, _, o in seen} == {'max_T-2', 'max_T-4'}
   one_host = sweep.tpu_commands(runs, 'out/sw', ['tpu-a'], 'z', 1, 'rain_jax', 'python3')
   assert not any('--distributed' in l for l in one_host)
   with pytest.raises(sweep.SpecError, match='relative'):
