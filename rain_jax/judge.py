@@ -35,8 +35,48 @@ class JudgeState:
   trunk_len: jax.Array     # [B]
 
 
+class TrunkCachedJudge:
+  """The cache bookkeeping both judges share (subclasses are frozen dataclasses with
+  model, prefix_width, answer_cap, content_cap, chunk and `num_suffix_slots`).
+
+  Cache slots per row: [trunk: judge prompt + committed answer (prefix_width +
+  answer_cap)][content: uncommitted tokens (content_cap)][suffix (num_suffix_slots)].
+  """
+
+  @property
+  def content_base(self):
+    return self.prefix_width + self.answer_cap
+
+  @property
+  def suffix_base(self):
+    return self.content_base + self.content_cap
+
+  @property
+  def num_slots(self):
+    return self.suffix_base + self.num_suffix_slots
+
+  def init_state(self, params, inputs):
+    """inputs: {'tokens': [B, prefix_width] int32 right-padded, 'lens': [B]}: the judge
+    prompt up to where the answer starts, tokenised on the host."""
+    tokens, lens = inputs['tokens'], inputs['lens']
+    batch = tokens.shape[0]
+    cache = self.model.init_cache(batch, self.num_slots)
+    context = jnp.zeros((batch, self.num_slots), bool)
+    cache, _, _ = feed_tokens(self.model, params, cache, tokens, lens, 0,
+                              jnp.zeros((batch,), jnp.int32), context, tokens.shape[1])
+    return JudgeState(cache=cache, trunk_len=lens)
+
+  def commit(self, params, state, tokens, lens, mask):
+    """Appends committed tokens [B, L] (lens real; only rows in mask) to the trunk."""
+    lens = jnp.where(mask, lens, 0)
+    context = slot_range_mask(self.num_slots, 0, state.trunk_len)
+    cache, _, _ = feed_tokens(self.model, params, state.cache, tokens, lens,
+                              state.trunk_len, state.trunk_len, context, tokens.shape[1])
+    return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class ABJudge:
+class ABJudge(TrunkCachedJudge):
   """Two-order A/B harmfulness judge; see the module docstring.
 
   model: search.ModelFns of the policy (the judge is the policy).
@@ -66,16 +106,8 @@ class ABJudge:
     return max(len(s) for s in self.suffixes)
 
   @property
-  def content_base(self):
-    return self.prefix_width + self.answer_cap
-
-  @property
-  def suffix_base(self):
-    return self.content_base + self.content_cap
-
-  @property
-  def num_slots(self):
-    return self.suffix_base + 2 * self.suffix_width
+  def num_suffix_slots(self):
+    return 2 * self.suffix_width
 
   def _suffix_arrays(self):
     width = self.suffix_width
@@ -83,25 +115,6 @@ class ABJudge:
     for k, ids in enumerate(self.suffixes):
       tokens[k, :len(ids)] = ids
     return jnp.asarray(tokens), jnp.asarray([len(s) for s in self.suffixes], jnp.int32)
-
-  def init_state(self, params, inputs):
-    """inputs: {'tokens': [B, prefix_width] int32 right-padded, 'lens': [B]} (the judge
-    prompt f2 + "\\n\\n" + conversation start, tokenised on the host)."""
-    tokens, lens = inputs['tokens'], inputs['lens']
-    batch = tokens.shape[0]
-    cache = self.model.init_cache(batch, self.num_slots)
-    context = jnp.zeros((batch, self.num_slots), bool)
-    cache, _, _ = feed_tokens(self.model, params, cache, tokens, lens, 0,
-                              jnp.zeros((batch,), jnp.int32), context, tokens.shape[1])
-    return JudgeState(cache=cache, trunk_len=lens)
-
-  def commit(self, params, state, tokens, lens, mask):
-    """Appends committed tokens [B, L] (lens real; only rows in mask) to the trunk."""
-    lens = jnp.where(mask, lens, 0)
-    context = slot_range_mask(self.num_slots, 0, state.trunk_len)
-    cache, _, _ = feed_tokens(self.model, params, state.cache, tokens, lens,
-                              state.trunk_len, state.trunk_len, context, tokens.shape[1])
-    return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
 
   def evaluate(self, params, state, gen, answer_len, gen_len, active):
     """v [B] in {-1, 0, +1} for the text trunk + gen[answer_len:gen_len]."""
@@ -141,7 +154,7 @@ def period_table(tok, vocab_size: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class YesNoJudge:
+class YesNoJudge(TrunkCachedJudge):
   """One-pass "Yes"/"No" truthfulness judge (rain-reference.md §4.3, truth).
 
   The reference judges "[INST] " + f2 + "\\n\\n" + qa + "\\nIs the answer truthful?
@@ -187,35 +200,8 @@ class YesNoJudge:
                        f'chunk={self.chunk}')
 
   @property
-  def content_base(self):
-    return self.prefix_width + self.answer_cap
-
-  @property
-  def suffix_base(self):
-    return self.content_base + self.content_cap
-
-  @property
-  def num_slots(self):
-    return self.suffix_base + len(self.suffix)
-
-  def init_state(self, params, inputs):
-    """inputs: {'tokens': [B, prefix_width] int32 right-padded, 'lens': [B]} (the judge
-    prompt up to "A:", tokenised on the host)."""
-    tokens, lens = inputs['tokens'], inputs['lens']
-    batch = tokens.shape[0]
-    cache = self.model.init_cache(batch, self.num_slots)
-    context = jnp.zeros((batch, self.num_slots), bool)
-    cache, _, _ = feed_tokens(self.model, params, cache, tokens, lens, 0,
-                              jnp.zeros((batch,), jnp.int32), context, tokens.shape[1])
-    return JudgeState(cache=cache, trunk_len=lens)
-
-  def commit(self, params, state, tokens, lens, mask):
-    """Appends committed tokens [B, L] (lens real; only rows in mask) to the trunk."""
-    lens = jnp.where(mask, lens, 0)
-    context = slot_range_mask(self.num_slots, 0, state.trunk_len)
-    cache, _, _ = feed_tokens(self.model, params, state.cache, tokens, lens,
-                              state.trunk_len, state.trunk_len, context, tokens.shape[1])
-    return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
+  def num_suffix_slots(self):
+    return len(self.suffix)
 
   def judged_length(self, gen, gen_len):
     """[B]: answer tokens judged, i.e. gen[b, :gen_len[b]] up to its last period token
@@ -248,8 +234,9 @@ class YesNoJudge:
     positions = (visible + content_len)[:, None] + t[None, :]
     tokens = jnp.broadcast_to(jnp.asarray(self.suffix, jnp.int32), (batch, width))
     logits, _, cache = self.model.forward(
-        params, tokens, positions, cache, jnp.broadcast_to(slots, (batch, width)), mask)
-    last = logits[:, width - 1]                                                   # [B, V]
+        params, tokens, positions, cache, jnp.broadcast_to(slots, (batch, width)), mask,
+        logits_index=jnp.full((batch, 1), width - 1, jnp.int32))
+    last = logits[:, 0]                                                           # [B, V]
     yes = jnp.max(last[:, jnp.asarray(self.yes_ids)], axis=1)
     no = jnp.max(last[:, jnp.asarray(self.no_ids)], axis=1)
     return yes - no, cache
