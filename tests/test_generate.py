@@ -26,15 +26,22 @@ def _run(prompts, max_new=10, sampling=gen.SamplingParams(), stops=(), eos=-1, s
       [gen.STOP_REASONS[r] for r in np.asarray(out.stop_reason)]
 
 
+@jax.jit
+def _logits_from_scratch(tokens):
+  """Causal forward over tokens [1, 64] with no cache reuse (one compiled program)."""
+  width = tokens.shape[1]
+  mask = jnp.arange(width)[None, None, :] <= jnp.arange(width)[None, :, None]
+  logits, _, _ = llama.forward(CONFIG, PARAMS, tokens, jnp.arange(width)[None],
+                               llama.init_cache(CONFIG, 1, width),
+                               jnp.zeros((1,), jnp.int32), mask)
+  return logits[0]
+
+
 def _greedy_by_recomputation(prompt, n):
   seq = list(prompt)
   for _ in range(n):
-    cache = llama.init_cache(CONFIG, 1, 64)
-    mask = jnp.arange(64)[None, None, :] <= jnp.arange(len(seq))[None, :, None]
-    logits, _, _ = llama.forward(CONFIG, PARAMS, jnp.asarray([seq]),
-                                 jnp.arange(len(seq))[None], cache,
-                                 jnp.zeros((1,), jnp.int32), mask)
-    seq.append(int(jnp.argmax(logits[0, -1])))
+    padded = jnp.zeros((1, 64), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
+    seq.append(int(jnp.argmax(_logits_from_scratch(padded)[len(seq) - 1])))
   return seq[len(prompt):]
 
 

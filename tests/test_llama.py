@@ -1,4 +1,6 @@
 """Model-level checks on tiny random configs (HF parity lives in test_parity_hf.py)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +11,23 @@ from rain_jax import kvcache
 
 
 def _full_logits(config, params, seq, cache_len):
-  """Recomputes logits [T, V] of a whole sequence from scratch (no cache reuse)."""
+  """Recomputes logits [T, V] of a whole sequence from scratch (no cache reuse).
+
+  The sequence is padded to cache_len so that every length shares one compiled program;
+  causal masking keeps the padding out of the real positions."""
   n = len(seq)
-  cache = llama.init_cache(config, 1, cache_len)
-  mask = jnp.arange(cache_len)[None, None, :] <= jnp.arange(n)[None, :, None]
-  logits, _, _ = llama.forward(config, params, jnp.asarray([seq], jnp.int32),
-                               jnp.arange(n, dtype=jnp.int32)[None], cache,
-                               jnp.zeros((1,), jnp.int32), mask)
-  return np.asarray(logits[0])
+  padded = jnp.zeros((1, cache_len), jnp.int32).at[0, :n].set(jnp.asarray(seq, jnp.int32))
+  logits, _, _ = _forward_from_scratch(config, params, padded)
+  return np.asarray(logits[0, :n])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward_from_scratch(config, params, tokens):
+  width = tokens.shape[1]
+  cache = llama.init_cache(config, 1, width)
+  mask = jnp.arange(width)[None, None, :] <= jnp.arange(width)[None, :, None]
+  return llama.forward(config, params, tokens, jnp.arange(width, dtype=jnp.int32)[None],
+                       cache, jnp.zeros((1,), jnp.int32), mask)
 
 
 @pytest.mark.parametrize('name', ['tiny-mha', 'tiny-gqa'])
