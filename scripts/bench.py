@@ -2,6 +2,7 @@
 
   python3 scripts/bench.py --suite=decode                      # SmolLM2-135M, this CPU
   python3 scripts/bench.py --suite=decode --preset=llama-7b --dtype=bfloat16   # GPU
+  python3 scripts/bench.py --suite=rain                        # RAIN vs vanilla (bench_rain.py)
 
 Prints ONE JSON object to stdout; logs go to stderr. For each batch size it times, on
 the same prompts ([B, prompt_len] random token ids) and the same weights (HF's
@@ -47,7 +48,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 from models import llama, presets, registry  # pylint: disable=wrong-import-position
 from rain_jax import generate, kvcache, loading  # pylint: disable=wrong-import-position
 
-SUITES = ('decode',)
+SUITES = ('decode', 'rain')
 DTYPES = ('float32', 'bfloat16')
 PROMPT_SEED = 0
 # Environment variables that change how either framework uses the cores; reported as set.
@@ -95,14 +96,52 @@ def build_parser():
                       help='parameter and compute dtype, both frameworks')
   parser.add_argument('--prompt_len', type=int, default=256)
   parser.add_argument('--new_tokens', type=int, default=64)
-  parser.add_argument('--batch_sizes', type=parse_batch_sizes, default=[1, 16])
+  parser.add_argument('--batch_sizes', type=parse_batch_sizes, default=None,
+                      help='default: 1,16 (decode), 1,8 (rain)')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--scan_layers', type=parse_bool, default=None,
                       help='scan over stacked layers (default: true on CPU, false on GPU)')
   parser.add_argument('--skip_hf', action='store_true', help='time rain_jax only')
   parser.add_argument('--peak_bandwidth_gbs', type=float, default=3000.0,
                       help='device memory bandwidth in GB/s for the floor (GPU only)')
+  parser.add_argument('--rain_max_T', type=int, default=15,
+                      help='rain: simulations per committed set (early stop disabled)')
+  parser.add_argument('--rain_new_tokens', type=int, default=7,
+                      help='rain: new tokens per answer (7 = token sets of 1, 2 and 4)')
+  parser.add_argument('--rain_max_rollout', type=int, default=16,
+                      help='rain: rollout length cap')
   return parser
+
+
+def run_rain(args):
+  """The rain suite (scripts/bench_rain.py) on --model or --preset weights."""
+  import bench_rain  # pylint: disable=import-outside-toplevel
+  from models import tokenizer  # pylint: disable=import-outside-toplevel
+  from rain_jax import sharding  # pylint: disable=import-outside-toplevel
+  on_gpu = jax.default_backend() == 'gpu'
+  scan_layers = (not on_gpu) if args.scan_layers is None else args.scan_layers
+  if args.model and args.preset:
+    raise ValueError('give --model or --preset, not both')
+  machine = machine_info(None)
+  if args.preset:
+    config = presets.get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype,
+                                scan_layers=scan_layers)
+    params = jax.jit(llama.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
+    model = loading.LoadedModel(name=args.preset, config=config, params=params,
+                                tokenizer=tokenizer.load_tokenizer(registry.LLAMA_TOKENIZER),
+                                param_shardings=None)
+    weights = 'random (preset, seed 0)'
+  else:
+    name = args.model or registry.DEFAULT_MODEL
+    model = loading.load_model(model=name, dtype=args.dtype, scan_layers=scan_layers)
+    weights = f'registry {name}'
+  report = bench_rain.run_rain_suite(args, model, sharding.make_mesh('1,1,1',
+                                                                     jax.devices()[:1]), log)
+  machine['load_average_at_end'] = list(os.getloadavg())
+  return {'suite': 'rain', 'machine': machine,
+          'model': {'name': model.name, 'weights': weights,
+                    'num_params': model.config.num_params, 'dtype': args.dtype,
+                    'scan_layers': scan_layers}, **report}
 
 
 def check_settings(args):
@@ -480,8 +519,10 @@ def run_decode_suite(args):
 def main(argv=None):
   args = build_parser().parse_args(argv)
   try:
+    if args.batch_sizes is None:
+      args.batch_sizes = [1, 16] if args.suite == 'decode' else [1, 8]
     with contextlib.redirect_stdout(sys.stderr):
-      report = run_decode_suite(args)
+      report = run_decode_suite(args) if args.suite == 'decode' else run_rain(args)
   except ValueError as e:
     print(f'bench: error: {e}', file=sys.stderr)
     return 2

@@ -1,0 +1,120 @@
+"""The `rain` suite of scripts/bench.py: RAIN against vanilla decoding, same prompts.
+
+For each batch size it answers the first HH prompts with vanilla greedy decoding and
+with RAIN (reference mode) through the same runners the CLI uses
+(`rain_jax.engine.VanillaRunner` / `RainRunner`), and reports:
+
+- seconds per prompt for each method and the RAIN / vanilla ratio (compile time apart);
+- simulations, committed sets and simulations per committed set;
+- forward passes per simulation and model tokens processed per second, from a second,
+  counting run of RAIN in which every model call reports its shape through a host
+  callback (that run is not timed: callbacks cost time);
+- throughput (prompts per second) at each batch size.
+
+The search budget is fixed so that runs compare: `--rain_max_T` simulations per
+committed set (at least 15, as the reference) and no early stop (min_T above any
+visit count), with `--rain_new_tokens` new tokens.
+"""
+import dataclasses
+import time
+
+import jax
+import numpy as np
+
+from rain_jax import engine, search, tasks
+from rain_jax.config import RainConfig
+
+
+@dataclasses.dataclass
+class CallCounter:
+  """Model calls and tokens (B * T per call, padding and masked rows included)."""
+  calls: int = 0
+  tokens: int = 0
+
+  def add(self, tokens_in_call):
+    self.calls += 1
+    self.tokens += int(tokens_in_call)
+
+
+def counting_fns(fns: search.ModelFns, counter: CallCounter) -> search.ModelFns:
+  """ModelFns whose forward reports each call to `counter` through a host callback."""
+  def forward(params, tokens, *args, **kwargs):
+    jax.debug.callback(counter.add, tokens.size, ordered=False)
+    return fns.forward(params, tokens, *args, **kwargs)
+  return dataclasses.replace(fns, forward=forward)
+
+
+def rain_config(args):
+  return RainConfig(max_T=args.rain_max_T, min_T=1 << 30, value_threshold=2.0,
+                    max_new_tokens=args.rain_new_tokens, max_rollout=args.rain_max_rollout,
+                    max_depth=4, seed=0)
+
+
+def time_runner(runner, batch, batch_size):
+  """(records, seconds of the steady-state call) — the first call compiles."""
+  records = runner.run_batch(batch, batch_size)
+  compile_seconds = records[0]['compile_seconds']
+  t0 = time.perf_counter()
+  records = runner.run_batch(batch, batch_size)
+  return records, time.perf_counter() - t0, compile_seconds
+
+
+def run_rain_suite(args, model, mesh, log):
+  """Runs the suite on a loaded model (rain_jax.loading.LoadedModel); returns a dict."""
+  task = tasks.get_task('hh')
+  cfg = rain_config(args)
+  results = []
+  for batch_size in args.batch_sizes:
+    examples = task.load_examples(0, batch_size)
+    vanilla = engine.VanillaRunner(model, mesh, task, max_new_tokens=args.rain_new_tokens)
+    rain = engine.RainRunner(model, mesh, task, cfg)
+    batch = list(zip(examples, vanilla.encode(examples)))
+    log(f'batch {batch_size}: vanilla')
+    v_records, v_seconds, v_compile = time_runner(vanilla, batch, batch_size)
+    log(f'batch {batch_size}: rain')
+    r_records, r_seconds, r_compile = time_runner(rain, batch, batch_size)
+    log(f'batch {batch_size}: rain, counting model calls')
+    counter = CallCounter()
+    rain.fns = counting_fns(rain.fns, counter)
+    rain._searchers.clear()  # pylint: disable=protected-access
+    counted = rain.run_batch(batch, batch_size)
+    jax.effects_barrier()
+    sims = [r['search']['simulations'] for r in r_records]
+    commits = [r['search']['committed_sets'] for r in r_records]
+    assert [r['response_ids'] for r in counted] == [r['response_ids'] for r in r_records]
+    results.append({
+        'batch_size': batch_size,
+        'vanilla': {'seconds_per_prompt': v_seconds / batch_size,
+                    'batch_seconds': v_seconds, 'compile_seconds': v_compile,
+                    'mean_new_tokens': float(np.mean([r['num_new_tokens']
+                                                      for r in v_records]))},
+        'rain': {'seconds_per_prompt': r_seconds / batch_size, 'batch_seconds': r_seconds,
+                 'compile_seconds': r_compile,
+                 'mean_new_tokens': float(np.mean([r['num_new_tokens'] for r in r_records])),
+                 'simulations_per_prompt': float(np.mean(sims)),
+                 'simulations_per_committed_set': float(np.sum(sims) / np.sum(commits)),
+                 'seconds_per_simulation': r_seconds / max(sims),
+                 'forward_passes': counter.calls,
+                 'forward_passes_per_simulation': counter.calls / max(sims),
+                 'model_tokens_processed': counter.tokens,
+                 'model_tokens_per_second': counter.tokens / r_seconds},
+        'ratio_rain_over_vanilla_seconds': r_seconds / v_seconds,
+        'throughput_prompts_per_second': {'vanilla': batch_size / v_seconds,
+                                          'rain': batch_size / r_seconds},
+    })
+    log(f'batch {batch_size}: rain {r_seconds:.1f} s, vanilla {v_seconds:.1f} s')
+  return {
+      'settings': {'task': 'hh', 'rain_config': dataclasses.asdict(cfg),
+                   'vanilla': 'greedy, same max_new_tokens',
+                   'note': 'fixed budget: max(max_T, 15) simulations per committed set, '
+                           'early stop disabled; RAIN commits whole token sets, so its '
+                           'answers can be longer than vanilla\'s'},
+      'results': results,
+      'definitions': {
+          'seconds_per_prompt': 'steady-state batch seconds / batch size (compile apart)',
+          'forward_passes_per_simulation': 'sequential model calls of the counting run '
+                                           '/ simulations of the busiest row',
+          'model_tokens_per_second': 'tokens through the model (batch x tokens per call, '
+                                     'padding included) / timed RAIN seconds',
+      },
+  }
