@@ -83,8 +83,9 @@ flags.DEFINE_string('output', 'out/results.jsonl', 'JSONL results file (appended
                     'one per process).')
 flags.DEFINE_bool('allow_config_change', False, 'Append to an --output whose answers were '
                   'made with other settings (see <output>.config.json).')
-flags.DEFINE_string('compilation_cache', os.path.join('~', '.cache', 'rain_jax', 'xla'),
-                    'Persistent XLA compilation cache folder ("" = off).')
+flags.DEFINE_string('compilation_cache', None,
+                    'Persistent XLA compilation cache folder (default: xla/ in the model '
+                    'cache, $RAIN_JAX_CACHE or ~/.cache/rain_jax; "" = off).')
 
 DEFAULT_MODEL = 'smollm2-135m-instruct'
 
@@ -152,8 +153,12 @@ def _run():
   from rain_jax import engine, loading, progress, results, sharding, tasks
 
   _check_flags()
-  if FLAGS.compilation_cache:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
+  compilation_cache = FLAGS.compilation_cache
+  if compilation_cache is None:
+    from models import registry
+    compilation_cache = os.path.join(registry.cache_dir(), 'xla')
+  if compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   sharding.initialize_distributed(FLAGS.distributed)
   task = tasks.get_task(FLAGS.task, **tasks.task_options(FLAGS.task,
