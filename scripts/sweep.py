@@ -44,6 +44,9 @@ prompts into the same global batch, so they share one shard. Taking the shard fr
 host's worker number (the `agent-worker-number` metadata JAX uses as its process id)
 would be right only for hosts that each hold a whole model copy, which a multi-host
 slice does not allow without splitting it; use several single-host TPU VMs for that.
+Every process of a multi-host job writes the same records to its own disk (step 3
+fetches worker 0's); they resume in lockstep only if their files agree, so after a
+crash copy worker 0's results file to the other workers before relaunching.
 """
 import itertools
 import json
