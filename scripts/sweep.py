@@ -124,7 +124,7 @@ def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep')
       raise SpecError(f'--grid: {grid_path} does not exist') from None
     except json.JSONDecodeError as e:
       raise SpecError(f'--grid: {grid_path} is not valid JSON ({e})') from None
-    unknown = set(spec) - {'name', 'flagfiles', 'set', 'axes'}
+    unknown = set(spec) - {'name', 'flagfiles', 'set', 'axes'} if isinstance(spec, dict) else {}
     if not isinstance(spec, dict) or unknown:
       raise SpecError(f'--grid: {grid_path} must be an object with keys name, flagfiles, '
                       f'set, axes; unknown: {sorted(unknown)}')
@@ -147,8 +147,8 @@ def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep')
   for path in flagfiles + [v['flags']['flagfile'] for v in axes.get('flagfile', [])]:
     if not os.path.isfile(path):
       raise SpecError(f'flagfile {path} does not exist')
-  return {'name': name or spec.get('name') or default_name, 'flagfiles': flagfiles, 'set': shared,
-          'axes': axes}
+  return {'name': name or spec.get('name') or default_name, 'flagfiles': flagfiles,
+          'set': shared, 'axes': axes}
 
 
 def read_flagfile(path: str, seen=()) -> tuple:
@@ -298,7 +298,7 @@ def tpu_commands(runs, out, tpu_names, zone, hosts_per_tpu, remote_dir, python):
   count = len(tpu_names)
   distributed = ' --distributed' if hosts_per_tpu > 1 else ''
   parent = f'{remote_dir}/{os.path.dirname(os.path.normpath(out)) or "."}'
-  lines = ['# 0. Once per TPU VM (and after each new commit): scripts/tpu_vm_setup.sh NAME ZONE',
+  lines = ['# 0. Once per TPU VM and new commit: scripts/tpu_vm_setup.sh NAME ZONE',
            '# 1. Copy the sweep folder to every worker of every TPU VM.']
   for tpu in tpu_names:
     lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '

@@ -280,7 +280,8 @@ def test_kill_9_at_random_moments_then_resume_answers_each_prompt_once(tiny, tmp
 
   Each trial draws (seeded) how many new records to wait for, then an extra delay: 0-12 s
   when it waits for none (kills land in start-up, model load, compilation or the first
-  prompt), 0-2 s otherwise (kills land between and during later prompts). After every kill: no line is torn, every line parses, no (id, method) repeats.
+  prompt), 0-2 s otherwise (kills land between and during later prompts). After every
+  kill: no line is torn, every line parses, no (id, method) repeats.
   At the end one run finishes and each prompt has exactly one answer per method.
   """
   output = tmp_path / 'killed.jsonl'
