@@ -21,6 +21,14 @@ def bucket(length: int, size: int = LENGTH_BUCKET) -> int:
   return -(-length // size) * size
 
 
+def to_host(tree):
+  """Numpy copies of (possibly sharded) arrays; across hosts, gathered from all of them."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
 def encode_prompts(tokenizer, config, examples, max_new_tokens):
   """Token ids of each example's prompt (BOS as the tokenizer adds it by default).
 
@@ -101,7 +109,7 @@ class VanillaRunner:
     out = compiled(self.model.params, jax.device_put(tokens, rows(2)),
                    jax.device_put(lengths, rows(1)), jax.device_put(seeds, rows(1)),
                    self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
-    out = jax.device_get(out)
+    out = to_host(out)
     seconds = time.time() - t0
     records = []
     for i, (ex, ids) in enumerate(batch):
@@ -230,7 +238,7 @@ class RainRunner:
       entry[1] = entry[0].generate.lower(*args).compile()
       compile_seconds = time.time() - t0
     t0 = time.time()
-    out = jax.device_get(entry[1](*args))
+    out = to_host(entry[1](*args))
     seconds = time.time() - t0
     records = []
     tok = self.model.tokenizer
