@@ -49,8 +49,10 @@ def test_cached_decode_equals_full_recomputation_each_step(name):
   prompt = [5, 17, 99, 3, 42]
   cache_len = 24
   cache = llama.init_cache(config, 1, cache_len)
-  logits, _, cache = kvcache.prefill(config, params, jnp.asarray([prompt], jnp.int32),
-                                     jnp.asarray([len(prompt)], jnp.int32), cache)
+  prefill = jax.jit(kvcache.prefill, static_argnums=0)
+  decode = jax.jit(kvcache.decode, static_argnums=0)
+  logits, _, cache = prefill(config, params, jnp.asarray([prompt], jnp.int32),
+                             jnp.asarray([len(prompt)], jnp.int32), cache)
   seq = list(prompt)
   for _ in range(10):
     reference = _full_logits(config, params, seq, cache_len)[-1]
@@ -58,8 +60,8 @@ def test_cached_decode_equals_full_recomputation_each_step(name):
     token = int(np.argmax(reference))
     position = jnp.asarray([len(seq)], jnp.int32)
     seq.append(token)
-    logits, _, cache = kvcache.decode(config, params, jnp.asarray([token], jnp.int32),
-                                      position, cache)
+    logits, _, cache = decode(config, params, jnp.asarray([token], jnp.int32), position,
+                              cache)
 
 
 def test_tree_mask_reads_only_ancestors():
