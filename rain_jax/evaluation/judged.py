@@ -12,14 +12,12 @@ Self-evaluation accuracy (HH harmless-base, `chosen` is the less harmful transcr
 the judge prefers `chosen` when its score is higher than `rejected`'s; a tie counts as
 half a success (the chance-level convention, so a judge that cannot tell scores 0.5).
 """
-import gzip
-import json
 import time
 
 import numpy as np
 
 from rain_jax.evaluation import stats
-from rain_jax.tasks.base import data_path, select_range
+from rain_jax.tasks.base import data_path, read_jsonl_gz, select_range
 
 SCORE_KINDS = ('prob', 'vote')
 HUMAN = 'Human:'
@@ -69,13 +67,7 @@ def transcript_conversation(transcript: str) -> str:
 def read_hh_pairs(path=None, start: int = 0, num_pairs: int = -1) -> list[dict]:
   """[{'id', 'chosen', 'rejected'}] from an HH jsonl.gz (default: harmless-base test)."""
   path = path or data_path('hh', 'harmless-base-test.jsonl.gz')
-  try:
-    with gzip.open(path, 'rt', encoding='utf-8') as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except FileNotFoundError:
-    raise FileNotFoundError(f'HH data file not found: {path}') from None
-  except (OSError, json.JSONDecodeError, EOFError) as e:
-    raise ValueError(f'HH data file {path} is corrupt: {e}') from None
+  rows = read_jsonl_gz(path, 'HH data file')
   pairs = []
   for index, row in enumerate(rows):
     if not (isinstance(row, dict) and isinstance(row.get('chosen'), str)

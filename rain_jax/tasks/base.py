@@ -1,6 +1,8 @@
 """The task interface shared by every task module."""
 import abc
 import dataclasses
+import gzip
+import json
 import importlib.resources
 from typing import Optional
 
@@ -77,3 +79,14 @@ def select_range(items: list, start: int, num_examples: int, what: str) -> list:
     raise ValueError(f'--start={start} is past the end of {what} ({len(items)} examples)')
   end = len(items) if num_examples < 0 else min(len(items), start + num_examples)
   return items[start:end]
+
+
+def read_jsonl_gz(path, what: str) -> list:
+  """Parsed lines of a gzipped JSONL file; errors name `what` (e.g. 'HH data file')."""
+  try:
+    with gzip.open(path, 'rt', encoding='utf-8') as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except FileNotFoundError:
+    raise FileNotFoundError(f'{what} not found: {path}') from None
+  except (OSError, json.JSONDecodeError, EOFError) as e:
+    raise ValueError(f'{what} {path} is corrupt: {e}') from None

@@ -5,10 +5,9 @@ right after "Assistant:" with "\\n\\n" replaced by "\\n" (rain-reference.md §7)
 reference read HH red-team-attempts, which cannot be had here; harmless-base test is the
 nearest substitute (rain_jax/data/README.md).
 """
-import gzip
-import json
 
-from rain_jax.tasks.base import Example, Task, data_path, read_data_text, select_range
+from rain_jax.tasks.base import (Example, Task, data_path,
+                                    read_data_text, read_jsonl_gz, select_range)
 
 ASSISTANT = 'Assistant:'
 
@@ -43,13 +42,7 @@ class HHTask(Task):
 
 
 def _read_jsonl_gz(path):
-  try:
-    with gzip.open(path, 'rt', encoding='utf-8') as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except FileNotFoundError:
-    raise FileNotFoundError(f'HH data file not found: {path}') from None
-  except (OSError, json.JSONDecodeError, EOFError) as e:
-    raise ValueError(f'HH data file {path} is corrupt: {e}') from None
+  rows = read_jsonl_gz(path, 'HH data file')
   for i, row in enumerate(rows):
     if not isinstance(row, dict) or 'chosen' not in row:
       raise ValueError(f'HH data file {path}: line {i + 1} has no "chosen" field')

@@ -17,10 +17,9 @@ The model continues the review. The judge (ABJudge) sees
 and reads "harmless" as "has the target sentiment": r1 lists (A) positive / (B) negative,
 r2 the reverse, so for a negative target the two suffixes trade places.
 """
-import gzip
-import json
 
-from rain_jax.tasks.base import Example, Task, data_path, read_data_text, select_range
+from rain_jax.tasks.base import (Example, Task, data_path,
+                                    read_data_text, read_jsonl_gz, select_range)
 
 SENTIMENTS = ('negative', 'positive')        # IMDB label 0, label 1
 DEFAULT_PREFIX_WORDS = 30
@@ -33,13 +32,7 @@ def review_beginning(text: str, num_words: int) -> str:
 
 def read_reviews(path) -> list[dict]:
   """Rows {"id", "rating", "label", "text"} of a gzipped IMDB JSONL file."""
-  try:
-    with gzip.open(path, 'rt', encoding='utf-8') as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except FileNotFoundError:
-    raise FileNotFoundError(f'IMDB data file not found: {path}') from None
-  except (OSError, json.JSONDecodeError, EOFError) as e:
-    raise ValueError(f'IMDB data file {path} is corrupt: {e}') from None
+  rows = read_jsonl_gz(path, 'IMDB data file')
   for number, row in enumerate(rows, 1):
     if not (isinstance(row, dict) and row.get('label') in (0, 1)
             and isinstance(row.get('text'), str) and 'id' in row):
