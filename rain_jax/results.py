@@ -49,6 +49,25 @@ class ConfigMismatchError(ValueError):
   """A restart's answer-deciding flags differ from those its output was written with."""
 
 
+def read_jsonl_objects(path):
+  """(line number, dict) for each non-blank line of a JSONL file.
+
+  Raises ValueError naming the file and line for bad JSON or a line that is not an
+  object. (Results files may end with a torn line: `read_records` handles those.)
+  """
+  with open(path, encoding='utf-8') as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{path}:{number}: not valid JSON ({e.msg})') from None
+      if not isinstance(row, dict):
+        raise ValueError(f'{path}:{number}: each line must be a JSON object')
+      yield number, row
+
+
 def read_records(path):
   """Parsed records (list of dicts) of a results file; a torn last line is skipped.
 

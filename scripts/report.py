@@ -154,18 +154,15 @@ def read_scores(paths):
   for path in paths:
     if not os.path.isfile(path):
       raise ReportError(f'--scores: {path} does not exist')
-    with open(path, encoding='utf-8') as f:
-      for number, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ReportError(f'{path}:{number}: not valid JSON ({e.msg})') from None
-        if not isinstance(row, dict) or 'id' not in row or 'method' not in row:
-          raise ReportError(f'{path}:{number}: a score line needs "id" and "method"')
-        scores.append({'match': {k: str(row[k]) for k in SCORE_KEYS if k in row},
-                       'metrics': numeric_fields(row)})
+    try:
+      rows = list(results.read_jsonl_objects(path))
+    except ValueError as e:
+      raise ReportError(str(e)) from None
+    for number, row in rows:
+      if 'id' not in row or 'method' not in row:
+        raise ReportError(f'{path}:{number}: a score line needs "id" and "method"')
+      scores.append({'match': {k: str(row[k]) for k in SCORE_KEYS if k in row},
+                     'metrics': numeric_fields(row)})
   return scores
 
 

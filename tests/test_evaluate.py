@@ -238,7 +238,7 @@ def test_load_results_errors(tmp_path):
   with pytest.raises(ValueError, match='directory'):
     records.load_results([str(tmp_path)])
   bad_json = _write_jsonl(tmp_path / 'bad.jsonl', [_record(1, 'rain', 'x'), '{"id": '])
-  with pytest.raises(ValueError, match=r'bad.jsonl:2: not a JSON record'):
+  with pytest.raises(ValueError, match=r'bad.jsonl:2: not valid JSON'):
     records.load_results([bad_json])
   no_response = _write_jsonl(tmp_path / 'nr.jsonl', [{'id': 1, 'task': 'adv',
                                                       'method': 'rain'}])
@@ -516,7 +516,7 @@ def test_cli_export_writes_pairs(tmp_path):
 @pytest.mark.parametrize('make_flags, message', [
     (lambda tmp: ['--metric=asr', f'--results={tmp}/missing.jsonl'], 'not found'),
     (lambda tmp: ['--metric=asr', f'--results={_write_jsonl(tmp / "b.jsonl", ["[1]"])}'],
-     'b.jsonl:1: a record must be a JSON object'),
+     'b.jsonl:1: each line must be a JSON object'),
     (lambda tmp: ['--metric=asr'], 'needs --results'),
     (lambda tmp: [], '--metric is required'),
     (lambda tmp: ['--metric=export', f'--results={tmp}/x.jsonl'], 'needs --scores_out'),

@@ -1,7 +1,8 @@
 """Reading results files (JSONL written by `python -m rain_jax.run`) for evaluation."""
 import collections
-import json
 import os
+
+from rain_jax.results import read_jsonl_objects
 
 REQUIRED_FIELDS = {'id': (str, int), 'task': (str,), 'method': (str,), 'response': (str,)}
 
@@ -17,22 +18,13 @@ def read_results(path: str) -> list[dict]:
   if os.path.isdir(path):
     raise ValueError(f'results path {path} is a directory, not a JSONL file')
   records = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{number}: not a JSON record ({e.msg})') from None
-      if not isinstance(record, dict):
-        raise ValueError(f'{path}:{number}: a record must be a JSON object')
-      for field, types in REQUIRED_FIELDS.items():
-        if not isinstance(record.get(field), types) or isinstance(record.get(field), bool):
-          raise ValueError(f'{path}:{number}: field {field!r} is missing or not a '
-                           f'{" or ".join(t.__name__ for t in types)}')
-      record['id'] = str(record['id'])
-      records.append(record)
+  for number, record in read_jsonl_objects(path):
+    for field, types in REQUIRED_FIELDS.items():
+      if not isinstance(record.get(field), types) or isinstance(record.get(field), bool):
+        raise ValueError(f'{path}:{number}: field {field!r} is missing or not a '
+                         f'{" or ".join(t.__name__ for t in types)}')
+    record['id'] = str(record['id'])
+    records.append(record)
   return records
 
 

@@ -6,9 +6,9 @@ tab and a backslash, so a one-line flag can hold a multi-line frame). `turn_mark
 an answer; the judge reads f2/r1/r2 from `judge_prompts`: a folder name under
 rain_jax/data/prompts (default HH) or a path to a folder holding those three files.
 """
-import json
 import os
 
+from rain_jax.results import read_jsonl_objects
 from rain_jax.tasks.base import Example, Task, data_path, select_range
 
 PLACEHOLDER = '{prompt}'
@@ -68,23 +68,16 @@ def read_prompt_file(path: str) -> list[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'prompt file not found: {path}')
   rows, seen = [], set()
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}:{number}: not valid JSON ({e.msg})') from None
-      if not isinstance(row, dict) or 'id' not in row or 'prompt' not in row:
-        raise ValueError(f'{path}:{number}: each line must be an object with "id" and '
-                         f'"prompt"')
-      if not isinstance(row['prompt'], str) or not row['prompt']:
-        raise ValueError(f'{path}:{number}: "prompt" must be a non-empty string')
-      if str(row['id']) in seen:
-        raise ValueError(f'{path}:{number}: duplicate id {row["id"]!r}')
-      seen.add(str(row['id']))
-      rows.append(row)
+  for number, row in read_jsonl_objects(path):
+    if 'id' not in row or 'prompt' not in row:
+      raise ValueError(f'{path}:{number}: each line must be an object with "id" and '
+                       f'"prompt"')
+    if not isinstance(row['prompt'], str) or not row['prompt']:
+      raise ValueError(f'{path}:{number}: "prompt" must be a non-empty string')
+    if str(row['id']) in seen:
+      raise ValueError(f'{path}:{number}: duplicate id {row["id"]!r}')
+    seen.add(str(row['id']))
+    rows.append(row)
   if not rows:
     raise ValueError(f'prompt file {path} holds no prompts')
   return rows
