@@ -18,7 +18,6 @@ Shapes: B rows, V vocabulary, H hidden size, N tree nodes, C max children, L max
 tokens per node, D max depth, R max rollout, A proposal streams, G generated buffer.
 """
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax

@@ -19,7 +19,7 @@ import torch
 
 from models import convert, tokenizer as tokenizer_lib
 from rain_jax import config, engine, judge as judge_lib, tasks
-from rain_jax.tasks import adv, custom, sentiment, truthfulqa
+from rain_jax.tasks import sentiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TOKENIZER = os.path.join(REPO, 'rain_jax', 'data', 'tokenizers', 'llama',
