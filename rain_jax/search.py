@@ -571,16 +571,15 @@ class Searcher:
 
   # ---- one simulation
 
-  def _rollout(self, params, tables, view, cache, logits, gen, gen_len, path_len, active):
-    """Samples rollouts (§4.1) on rows. Returns (cache, gen, gen_len, rollout_len [R],
-    rollout hidden sum [R, H], truncated [R])."""
+  def _rollout(self, params, tables, view, cache, logits, gen, gen_len, path_len, active,
+               eos_seen, marker_seen):
+    """Samples rollouts (§4.1) on rows. eos_seen, marker_seen [R]: whether the text
+    before the rollout (answer + path) holds EOS / a turn marker. Returns (cache, gen,
+    gen_len, rollout_len [R], rollout hidden sum [R, H], truncated [R])."""
     cfg, layout = self.cfg, self.layout
     batch = active.shape[0]
     context = self._context_after_path(view, path_len)
     rows = _rows(active)
-    live = jnp.arange(gen.shape[1])[None] < gen_len[:, None]
-    eos_seen = jnp.any((gen == tables.eos_id) & live, axis=1)
-    marker_seen = contains_stop_sequence(gen, gen_len, tables.stop_sequences)
     last = jnp.where(gen_len > 0, gen[rows, jnp.maximum(gen_len - 1, 0)], view.last_token)
 
     def wants_more(eos_seen, marker_seen, last, r):
@@ -644,13 +643,17 @@ class Searcher:
     leaf_tokens = tree.tokens[tree_idx, leaf]
     leaf_live = jnp.arange(cfg.max_tokens_per_node)[None, :] < \
         tree.num_tokens[tree_idx, leaf][:, None]
+    gen_live = jnp.arange(layout.gen_cap)[None, :] < gen_len[:, None]
+    eos_seen = jnp.any(gen_live & (gen == tables.eos_id), axis=1)
+    marker_seen = contains_stop_sequence(gen, gen_len, tables.stop_sequences)
     terminal = ((st.trunk_len + path_len > st.maxlen)
                 | jnp.any(leaf_live & (leaf_tokens == tables.eos_id), axis=1)
-                | contains_stop_sequence(gen, gen_len, tables.stop_sequences))
+                | marker_seen)
     depth_limited = active & (tree.num_children[tree_idx, leaf] > 0)
     # Self-evaluation.
     cache, gen, full_len, rollout_len, rollout_hidden, truncated = self._rollout(
-        params, tables, view, cache, leaf_logits, gen, gen_len, path_len, active)
+        params, tables, view, cache, leaf_logits, gen, gen_len, path_len, active, eos_seen,
+        marker_seen)
     value, judge_state = self.judge.evaluate(params, st.judge, gen, st.answer_len, full_len,
                                              active)
     # Proposals at the leaf.

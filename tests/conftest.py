@@ -46,3 +46,20 @@ def tiny_hf_checkpoint(tmp_path):
     return directory, model.float()
 
   return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_model(smollm2_gguf_path):
+  """transformers' own GGUF conversion (its dequantization and q/k un-permute) of
+  SmolLM2, in float32: the independent side of the SmolLM2 parity tests."""
+  import transformers
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+  hf_config = transformers.LlamaConfig(**load_gguf_checkpoint(smollm2_gguf_path)["config"])
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  state = load_gguf_checkpoint(smollm2_gguf_path, return_tensors=True,
+                               model_to_load=model)["tensors"]
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  assert missing == ["lm_head.weight"] and not unexpected
+  assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+  return model.float()

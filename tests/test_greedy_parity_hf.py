@@ -21,21 +21,6 @@ CHATML_PROMPT = ('<|im_start|>system\nYou are a helpful AI assistant named SmolL
                  'rainbow.<|im_end|>\n<|im_start|>assistant\n')
 
 
-@pytest.fixture(scope='module')
-def smollm2_hf_model(smollm2_gguf_path):
-  """transformers' GGUF conversion (its dequantization and q/k un-permute) of SmolLM2."""
-  import transformers
-  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-  hf_config = transformers.LlamaConfig(**load_gguf_checkpoint(smollm2_gguf_path)['config'])
-  model = transformers.LlamaForCausalLM(hf_config).eval()
-  state = load_gguf_checkpoint(smollm2_gguf_path, return_tensors=True,
-                               model_to_load=model)['tensors']
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  assert missing == ['lm_head.weight'] and not unexpected
-  return model.float()
-
-
 def _prompt_ids(tokenizer):
   """Token ids [P_i] of three HH prompts and a ChatML one (different lengths)."""
   texts = [ex.prompt for ex in tasks.get_task('hh').load_examples(0, 3)]

@@ -37,22 +37,6 @@ def test_tiny_safetensors_logits_match_hf(tiny_hf_checkpoint, num_heads, num_kv_
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf_model(smollm2_gguf_path):
-  """transformers' own GGUF conversion (its dequantization and q/k un-permute) of SmolLM2."""
-  import transformers
-  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-  hf_config = transformers.LlamaConfig(**load_gguf_checkpoint(smollm2_gguf_path)["config"])
-  model = transformers.LlamaForCausalLM(hf_config).eval()
-  state = load_gguf_checkpoint(smollm2_gguf_path, return_tensors=True,
-                               model_to_load=model)["tensors"]
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  assert missing == ["lm_head.weight"] and not unexpected
-  assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-  return model
-
-
-@pytest.fixture(scope="module")
 def smollm2_prompt_and_hf_logits(smollm2_hf_model):
   tokens = np.random.default_rng(0).integers(3, 49152, 512)
   tokens[0] = 1  # <|im_start|>
