@@ -45,6 +45,25 @@ def encode_prompts(tokenizer, config, examples, max_new_tokens):
   return encoded
 
 
+def answer_record(task, tokenizer, example, prompt_ids, method, new_ids, stop_reason,
+                  batch_seconds, batch_size, compile_seconds, seed):
+  """The fields every result record has (rain_jax.run adds 'model').
+
+  The response text is the task's cut (before a turn marker) of the new tokens decoded
+  up to the first EOS; response_ids keep every generated token."""
+  text_ids = new_ids[:new_ids.index(tokenizer.eos_id)] if tokenizer.eos_id in new_ids \
+      else new_ids
+  text = tokenizer.decode(text_ids, skip_special_tokens=True)
+  return {
+      'id': example.id, 'task': task.name, 'method': method, 'prompt': example.prompt,
+      'question': example.question, 'meta': example.meta, 'response': task.answer(text),
+      'response_ids': new_ids, 'num_new_tokens': len(new_ids),
+      'prompt_tokens': len(prompt_ids), 'stop_reason': stop_reason,
+      'seconds': batch_seconds / batch_size, 'batch_seconds': batch_seconds,
+      'batch_size': batch_size, 'compile_seconds': compile_seconds, 'seed': seed,
+  }
+
+
 def pad_batch(rows, batch_size, width):
   """Right-pads token lists into [batch_size, width] int32 (missing rows repeat row 0)."""
   tokens = np.zeros((batch_size, width), np.int32)
@@ -112,21 +131,14 @@ class VanillaRunner:
     out = to_host(out)
     seconds = time.time() - t0
     records = []
+    sampling = {'temperature': self.sampling.temperature, 'top_k': self.sampling.top_k,
+                'top_p': self.sampling.top_p}
     for i, (ex, ids) in enumerate(batch):
-      n = int(out.num_tokens[i])
-      new_ids = [int(t) for t in out.tokens[i, :n]]
+      new_ids = [int(t) for t in out.tokens[i, :int(out.num_tokens[i])]]
       reason = generate.STOP_REASONS[int(out.stop_reason[i])]
-      text_ids = new_ids[:-1] if reason == 'eos' else new_ids
-      text = self.model.tokenizer.decode(text_ids, skip_special_tokens=True)
-      records.append({
-          'id': ex.id, 'task': self.task.name, 'method': 'vanilla', 'prompt': ex.prompt,
-          'question': ex.question, 'meta': ex.meta, 'response': self.task.answer(text),
-          'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
-          'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
-          'batch_size': len(batch), 'compile_seconds': compile_seconds, 'seed': self.seed,
-          'sampling': {'temperature': self.sampling.temperature, 'top_k': self.sampling.top_k,
-                       'top_p': self.sampling.top_p},
-      })
+      record = answer_record(self.task, self.model.tokenizer, ex, ids, 'vanilla', new_ids,
+                             reason, seconds, len(batch), compile_seconds, self.seed)
+      records.append({**record, 'sampling': sampling})
     return records
 
 
@@ -241,32 +253,14 @@ class RainRunner:
     out = to_host(entry[1](*args))
     seconds = time.time() - t0
     records = []
-    tok = self.model.tokenizer
     for i, (ex, ids) in enumerate(batch):
-      n = int(out['answer_len'][i])
-      new_ids = [int(t) for t in out['answer'][i, :n]]
+      new_ids = [int(t) for t in out['answer'][i, :int(out['answer_len'][i])]]
       reason = search.STOP_REASONS[int(out['stop_reason'][i])]
-      text_ids = [t for t in new_ids if t != tok.eos_id]
-      text = tok.decode(text_ids, skip_special_tokens=True)
       stats = {k: int(v[i]) for k, v in out['stats'].items()}
       record = {
-          'id': ex.id, 'task': self.task.name, 'method': 'rain', 'prompt': ex.prompt,
-          'question': ex.question, 'meta': ex.meta, 'response': self.task.answer(text),
-          'response_ids': new_ids, 'num_new_tokens': n, 'prompt_tokens': len(ids),
-          'stop_reason': reason, 'seconds': seconds / len(batch), 'batch_seconds': seconds,
-          'batch_size': len(batch), 'compile_seconds': compile_seconds,
-          'seed': self.cfg.seed,
-          'search': {
-              'simulations': stats['simulations'],
-              'committed_sets': stats['committed_sets'],
-              'nodes_used': stats['nodes_used'],
-              'max_depth': stats['max_depth'],
-              'judge_calls': stats['judge_calls'],
-              'early_stops': stats['early_stops'],
-              'capacity_overflows': int(out['overflow'][i]),
-              'rollout_truncations': stats['rollout_truncations'],
-              'depth_limited': stats['depth_limited'],
-          },
+          **answer_record(self.task, self.model.tokenizer, ex, ids, 'rain', new_ids, reason,
+                          seconds, len(batch), compile_seconds, self.cfg.seed),
+          'search': {**stats, 'capacity_overflows': int(out['overflow'][i])},
           'rain_config': dataclasses.asdict(self.cfg),
       }
       if self.dump_tree:
