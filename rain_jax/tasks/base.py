@@ -63,8 +63,11 @@ class Task(abc.ABC):
 
 
 def read_data_text(*parts: str) -> str:
-  """Exact text of a data file shipped in rain_jax/data (bytes decoded as UTF-8)."""
-  return data_path(*parts).read_bytes().decode('utf-8')
+  """Text of a data file shipped in rain_jax/data, read as the original RAIN code reads its
+  prompt files: UTF-8 in Python's text mode, so Windows line ends ("\r\n") and lone
+  "\r" become "\n" (the prompt files are stored with CRLF; the model never sees "\r")."""
+  text = data_path(*parts).read_bytes().decode('utf-8')
+  return text.replace('\r\n', '\n').replace('\r', '\n')
 
 
 def data_path(*parts: str):
