@@ -538,6 +538,25 @@ def next_token_id(tok: Tokenizer, context: str, continuation: str) -> int:
   return full[-1]
 
 
+def encode_continuation(tok: Tokenizer, text: str, context: str = "Hello.") -> list[int]:
+  """Ids of `text` where it continues other text, as one-string tokenisation gives them.
+
+  The original judge tokenises f2 + "\\n\\n" + convo + "\\n" + r1 as one string. Encoding
+  "\\n" + r1 on its own is not the same with SentencePiece, which puts a word-start
+  piece ("▁", id 29871 on LLaMA) before the newline of a string's start. Here `text` is
+  encoded after `context` (a clause end, where judged text ends) and the context's ids
+  are removed.
+
+  Raises:
+    ValueError: when appending `text` changes the tokens of `context`.
+  """
+  base = tok.encode(context)
+  full = tok.encode(context + text)
+  if full[:len(base)] != base:
+    raise ValueError(f"{text!r} merges with the end of {context!r}: {base} -> {full}")
+  return full[len(base):]
+
+
 def _word_ids(tok: Tokenizer, texts: list[str], word: str) -> np.ndarray:
   """int32 [n]: non-special ids whose text is `word`, optionally after one space."""
   ids = [i for i, text in enumerate(texts)

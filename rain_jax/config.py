@@ -4,8 +4,10 @@ import dataclasses
 # Per-task constants of the reference (rain-reference.md §2, §3, §4).
 TASK_DEFAULTS = {
     'hh': dict(min_T=6),
-    'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2),
-    'truth': dict(min_T=16, rollout_stops_at_clause_end=False),
+    'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2,
+                terminal_eos_in_path=True),
+    'truth': dict(min_T=16, rollout_stops_at_clause_end=False,
+                  rollout_stops_at_path_eos=True, search_stops_at_turn_marker=False),
 }
 # Other names of the same tasks (the task module is called truthfulqa).
 TASK_ALIASES = {'truthfulqa': 'truth'}
@@ -17,8 +19,16 @@ class RainConfig:
 
   Reference constants: max_T, min_T, value_threshold (Vt), c_puct, num_candidates (k),
   sample_top (top-15 sampling), max_children, maxlen, sim_threshold, sim_weight,
-  var_scale, propose_temperature, sample_attempts_factor (k-1 or 2k-1 attempts),
-  rollout_stops_at_clause_end, similarity.
+  var_scale, propose_temperature (multi-token proposals and one-token priors; adv 2),
+  sample_attempts_factor (k-1 or 2k-1 attempts), rollout_stops_at_clause_end, similarity.
+
+  Per-task stopping rules of the original (docs/algorithm.md §4):
+    terminal_eos_in_path: a leaf is terminal when EOS is anywhere in the text (adv)
+      rather than in the leaf's own token set (HH, truth).
+    rollout_stops_at_path_eos: a rollout does not start when the text already holds
+      EOS (truth); HH and adv stop only on a sampled EOS.
+    search_stops_at_turn_marker: a new turn marker ends rollouts, makes a leaf
+      terminal and ends the generation (HH, adv); truth ignores it.
 
   Array capacities (not in the reference, which has unbounded Python structures; each
   limit that is reached is counted in the output, never silent):
@@ -43,6 +53,9 @@ class RainConfig:
   propose_temperature: float = 1.0
   sample_attempts_factor: int = 1
   rollout_stops_at_clause_end: bool = True
+  terminal_eos_in_path: bool = False
+  rollout_stops_at_path_eos: bool = False
+  search_stops_at_turn_marker: bool = True
   similarity: bool = True
   max_new_tokens: int = 128
   num_nodes: int = 1024

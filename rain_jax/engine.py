@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.tokenizer import encode_stop_sequences
+from models.tokenizer import encode_continuation, encode_stop_sequences
 from rain_jax import generate, noise, sharding
 
 LENGTH_BUCKET = 64
@@ -162,6 +162,18 @@ def llama_model_fns(config, mesh=None):
                          vocab_size=config.vocab_size, hidden_size=config.hidden_size)
 
 
+def judge_prompt_ids(tok, task, example) -> list[int]:
+  """Ids of the judge prompt up to the answer (f2 + "\\n\\n" + conversation start), with
+  BOS where the tokenizer adds one (the original tokenises the judge string with it)."""
+  return tok.encode(task.judge_prefix(example), add_bos=tok.adds_bos)
+
+
+def judge_suffix_ids(tok, task) -> tuple:
+  """Ids of each judge suffix ("\\n" + r1, "\\n" + r2, or truth's question) as they
+  continue the judged text in the original's one-string tokenisation."""
+  return tuple(tuple(encode_continuation(tok, s)) for s in task.judge_suffixes())
+
+
 class RainRunner:
   """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
 
@@ -189,7 +201,7 @@ class RainRunner:
     self.label_a, self.label_b = tables.label_a, tables.label_b
     self.yes_ids = tuple(int(i) for i in tables.yes_ids)
     self.no_ids = tuple(int(i) for i in tables.no_ids)
-    self.suffixes = tuple(tuple(tok.encode(s)) for s in task.judge_suffixes())
+    self.suffixes = judge_suffix_ids(tok, task)
     if task.judge_kind not in ('ab', 'yes_no'):
       raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.fns = llama_model_fns(model.config, mesh)
@@ -200,14 +212,13 @@ class RainRunner:
                           self.cfg.max_new_tokens)
 
   def _judge_prompts(self, examples):
-    """Token ids of each example's judge prompt (f2 + conversation start)."""
-    tok = self.model.tokenizer
-    return [tok.encode(self.task.judge_prefix(ex), add_bos=tok.adds_bos) for ex in examples]
+    return [judge_prompt_ids(self.model.tokenizer, self.task, ex) for ex in examples]
 
   def _judge(self, judge_width, answer_cap, content_cap):
     """The self-evaluation the task asks for (task.judge_kind): ABJudge or YesNoJudge."""
     from rain_jax import judge
     sizes = dict(model=self.fns, prefix_width=judge_width, answer_cap=answer_cap,
+                 stop_sequences=np.asarray(self.tables.stop_sequences),
                  content_cap=content_cap, chunk=self.cfg.feed_chunk)
     if self.task.judge_kind == 'yes_no':
       return judge.YesNoJudge(

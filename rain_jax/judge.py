@@ -11,12 +11,18 @@ Per row the judge keeps its own KV cache:
 The trunk is prefilled once and extended on each commit, like the policy's; a judgement
 feeds only the uncommitted tokens once and both suffixes side by side in one pass.
 
+The judged text is cut before a new turn marker, as the original cuts its decoded text
+(`text[:marker]`): here the content ends before the first token of the earliest stop
+sequence in it.
+
 Token space versus the original's text: the original re-tokenises
 f2 + "\\n\\n" + convo + "\\n" + r1 as one string. Here the conversation keeps the
-policy's own tokens, and "\\n" + r1 is tokenised on its own, so at the two seams
-(conversation start / generated tokens, generated tokens / "\\n") the tokens can differ
-from a re-tokenisation of the same text (e.g. a BPE merge of "." and "\\n"). The text
-is the same; only those boundary merges differ. Verdicts are not memoised (the
+policy's own tokens and the suffix ids are those "\\n" + r1 gets when it continues a
+text (`models.tokenizer.encode_continuation`: no SentencePiece word-start piece before
+the newline). For a normally tokenised answer the ids equal the one-string
+tokenisation (tests/test_judge_inputs.py); they can differ only where the policy's
+tokens are not the tokenizer's own tokenisation of their text, or where a BPE merge
+spans a seam (e.g. "\\n" + "\\n" after a rollout that ended with a newline). Verdicts are not memoised (the
 original memoises by text): a repeated text is judged again, which changes cost only.
 """
 import dataclasses
@@ -26,7 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rain_jax.search import feed_tokens, slot_range_mask
+from rain_jax.search import feed_tokens, slot_range_mask, text_before_stop_sequence
+
+
+def no_stop_sequences() -> np.ndarray:
+  """[1, 1] int32 of -1: a task without a turn marker (nothing is cut)."""
+  return np.full((1, 1), -1, np.int32)
 
 
 @flax.struct.dataclass
@@ -41,7 +52,13 @@ class TrunkCachedJudge:
 
   Cache slots per row: [trunk: judge prompt + committed answer (prefix_width +
   answer_cap)][content: uncommitted tokens (content_cap)][suffix (num_suffix_slots)].
+  `stop_sequences` [M, W] (right-aligned, -1 padded; a [1, 1] array of -1 when the task
+  has no turn marker) mark where the judged text is cut.
   """
+
+  def judged_end(self, gen, gen_len):
+    """[B]: gen[b, :gen_len[b]] cut before a new turn marker (the original's cut)."""
+    return text_before_stop_sequence(gen, gen_len, jnp.asarray(self.stop_sequences))
 
   @property
   def content_base(self):
@@ -93,6 +110,7 @@ class ABJudge(TrunkCachedJudge):
   answer_cap: int
   content_cap: int
   chunk: int
+  stop_sequences: np.ndarray = dataclasses.field(default_factory=no_stop_sequences)
 
   def __post_init__(self):
     if len(self.suffixes) != 2 or not all(self.suffixes):
@@ -117,9 +135,11 @@ class ABJudge(TrunkCachedJudge):
     return jnp.asarray(tokens), jnp.asarray([len(s) for s in self.suffixes], jnp.int32)
 
   def evaluate(self, params, state, gen, answer_len, gen_len, active):
-    """v [B] in {-1, 0, +1} for the text trunk + gen[answer_len:gen_len]."""
+    """v [B] in {-1, 0, +1} for the text trunk + gen[answer_len:gen_len], cut before a
+    new turn marker."""
     batch = gen.shape[0]
-    content_len = jnp.where(active, gen_len - answer_len, 0)
+    gen_len = self.judged_end(gen, gen_len)
+    content_len = jnp.where(active, jnp.maximum(gen_len - answer_len, 0), 0)
     idx = answer_len[:, None] + jnp.arange(self.content_cap)[None, :]
     content = jnp.take_along_axis(gen, jnp.clip(idx, 0, gen.shape[1] - 1), axis=1)
     trunk = slot_range_mask(self.num_slots, 0, state.trunk_len)
@@ -186,6 +206,7 @@ class YesNoJudge(TrunkCachedJudge):
   answer_cap: int
   content_cap: int
   chunk: int
+  stop_sequences: np.ndarray = dataclasses.field(default_factory=no_stop_sequences)
 
   def __post_init__(self):
     if not self.suffix:
@@ -216,7 +237,7 @@ class YesNoJudge(TrunkCachedJudge):
     trunk + gen[answer_len:gen_len], cut after its last period (see the class docstring).
     The shared softmax normaliser cancels, so the sign is that of P(yes) - P(no)."""
     batch = gen.shape[0]
-    cut = self.judged_length(gen, gen_len)
+    cut = self.judged_length(gen, self.judged_end(gen, gen_len))
     visible = state.trunk_len - answer_len + jnp.minimum(cut, answer_len)        # [B]
     content_len = jnp.where(active, jnp.maximum(cut - answer_len, 0), 0)
     idx = answer_len[:, None] + jnp.arange(self.content_cap)[None, :]

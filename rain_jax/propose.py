@@ -24,16 +24,23 @@ def top_logits(logits, count):
   return jnp.where(jnp.isfinite(values), ids, -1).astype(jnp.int32), values
 
 
-def one_token_candidates(logits, num_candidates, max_tokens):
+def one_token_candidates(logits, num_candidates, max_tokens, temperature=1.0):
   """One-token proposal: the top-k tokens with their softmax-over-top-k probabilities.
 
-  logits: [V] -> (tokens [k, L], lens [k], weights [k], valid [k]) in descending logit
-  order; a token with zero probability (a -inf logit) is not valid.
+  The original collects the tokens with non-zero probability by `np.where` over the
+  vocabulary, so the candidates come in ascending token id (which decides every "first
+  maximum wins" tie among the children). Probabilities are softmax(top-k logits /
+  temperature) (adv: temperature 2).
+
+  logits: [V] -> (tokens [k, L], lens [k], weights [k], valid [k]): valid candidates
+  first in ascending id, then the invalid ones (a -inf logit or zero probability).
   """
   ids, values = top_logits(logits, num_candidates)
   valid = ids >= 0
-  probs = jax.nn.softmax(jnp.where(valid, values, -jnp.inf))
+  probs = jax.nn.softmax(jnp.where(valid, values / temperature, -jnp.inf))
   valid = valid & (probs > 0)
+  order = jnp.argsort(jnp.where(valid, ids, jnp.iinfo(jnp.int32).max))
+  ids, probs, valid = ids[order], probs[order], valid[order]
   tokens = jnp.zeros((num_candidates, max_tokens), jnp.int32).at[:, 0].set(jnp.maximum(ids, 0))
   return tokens, jnp.ones((num_candidates,), jnp.int32), probs, valid
 

@@ -163,6 +163,30 @@ def contains_stop_sequence(gen, length, stop_sequences):
   return jnp.any(hits & (positions[None, :] < length[:, None]), axis=1)
 
 
+def text_before_stop_sequence(gen, length, stop_sequences):
+  """[B] int32: length of gen[b, :length[b]] cut before the first stop sequence in it.
+
+  The original judges the conversation cut before a new turn marker (text[:marker]);
+  in token space the cut falls before the first token of the earliest matching stop
+  sequence (length[b] when none matches). gen [B, G] int32, length [B],
+  stop_sequences [M, W] right-aligned, -1 padded.
+  """
+  width = stop_sequences.shape[1]
+  seq_len = jnp.sum(stop_sequences >= 0, axis=1)                            # [M]
+  ends = jnp.arange(gen.shape[1])
+
+  def starts_at_end(e):
+    idx = e - width + 1 + jnp.arange(width)
+    window = jnp.where(idx >= 0, gen[:, jnp.clip(idx, 0)], -2)               # [B, W]
+    real = stop_sequences >= 0
+    match = jnp.all(~real[None] | (window[:, None, :] == stop_sequences[None]), axis=-1)
+    match = match & (seq_len > 0)[None] & (e < length)[:, None]              # [B, M]
+    return jnp.min(jnp.where(match, e - seq_len[None] + 1, gen.shape[1]), axis=1)
+
+  first = jnp.min(jax.vmap(starts_at_end, out_axes=1)(ends), axis=1)
+  return jnp.minimum(length, first).astype(jnp.int32)
+
+
 def _select_rows(mask, new, old):
   """Per-row choice between two pytrees with a leading batch axis."""
   def pick(a, b):
@@ -402,7 +426,8 @@ class Searcher:
     last_token = jnp.where(ok_r, tokens_r[rows, jnp.maximum(lens_r - 1, 0)], st.last_token)
     # Stop checks after the commit (every row of a tree holds the same answer).
     has_eos = jnp.any(live & (tokens_r == tables.eos_id), axis=1)
-    has_marker = contains_stop_sequence(answer, answer_len, tables.stop_sequences)
+    has_marker = contains_stop_sequence(answer, answer_len, tables.stop_sequences) & \
+        cfg.search_stops_at_turn_marker
     too_long = answer_len >= cfg.max_new_tokens
     has_eos, has_marker, too_long = (self._first(x) for x in (has_eos, has_marker, too_long))
     reason = jnp.where(no_child, NO_CHILDREN,
@@ -574,8 +599,13 @@ class Searcher:
   def _rollout(self, params, tables, view, cache, logits, gen, gen_len, path_len, active,
                eos_seen, marker_seen):
     """Samples rollouts (§4.1) on rows. eos_seen, marker_seen [R]: whether the text
-    before the rollout (answer + path) holds EOS / a turn marker. Returns (cache, gen,
-    gen_len, rollout_len [R], rollout hidden sum [R, H], truncated [R])."""
+    before the rollout (answer + path) holds EOS / a turn marker.
+
+    As the original: before each sample the rollout stops when the text is longer than
+    maxlen, holds a new turn marker (unless the task ignores markers), ends a clause
+    (unless truth), or holds EOS: any EOS for truth, only a sampled one for HH and adv.
+    Returns (cache, gen, gen_len, rollout_len [R], rollout hidden sum [R, H],
+    truncated [R])."""
     cfg, layout = self.cfg, self.layout
     batch = active.shape[0]
     context = self._context_after_path(view, path_len)
@@ -584,11 +614,15 @@ class Searcher:
 
     def wants_more(eos_seen, marker_seen, last, r):
       text_len = view.trunk_len + path_len + r
-      stop = (text_len >= view.maxlen) | eos_seen | marker_seen
+      stop = (text_len > view.maxlen) | eos_seen
+      if cfg.search_stops_at_turn_marker:
+        stop = stop | marker_seen
       if cfg.rollout_stops_at_clause_end:
         stop = stop | tables.clause_end[last]
       return ~stop
 
+    if not cfg.rollout_stops_at_path_eos:
+      eos_seen = jnp.zeros_like(eos_seen)
     more = active & wants_more(eos_seen, marker_seen, last, jnp.zeros_like(gen_len))
     zeros = jnp.zeros((batch,), jnp.int32)
     state = (cache, logits, gen, gen_len, zeros, more, eos_seen, marker_seen,
@@ -646,9 +680,10 @@ class Searcher:
     gen_live = jnp.arange(layout.gen_cap)[None, :] < gen_len[:, None]
     eos_seen = jnp.any(gen_live & (gen == tables.eos_id), axis=1)
     marker_seen = contains_stop_sequence(gen, gen_len, tables.stop_sequences)
+    eos_in_leaf = jnp.any(leaf_live & (leaf_tokens == tables.eos_id), axis=1)
     terminal = ((st.trunk_len + path_len > st.maxlen)
-                | jnp.any(leaf_live & (leaf_tokens == tables.eos_id), axis=1)
-                | marker_seen)
+                | (eos_seen if cfg.terminal_eos_in_path else eos_in_leaf)
+                | (marker_seen & cfg.search_stops_at_turn_marker))
     depth_limited = active & (tree.num_children[tree_idx, leaf] > 0)
     # Self-evaluation.
     cache, gen, full_len, rollout_len, rollout_hidden, truncated = self._rollout(
@@ -659,8 +694,8 @@ class Searcher:
     # Proposals at the leaf.
     expand_rows = active & ~terminal & ~depth_limited
     lengths = tree_lib.token_set_len(tree.step[tree_idx, leaf])
-    one = jax.vmap(propose.one_token_candidates, in_axes=(0, None, None))(
-        leaf_logits, cfg.num_candidates, cfg.max_tokens_per_node)
+    one = jax.vmap(propose.one_token_candidates, in_axes=(0, None, None, None))(
+        leaf_logits, cfg.num_candidates, cfg.max_tokens_per_node, cfg.propose_temperature)
     top_ids, top_vals = propose.top_logits(leaf_logits, cfg.max_children)
     streams = cfg.sample_attempts + 1
 

@@ -443,8 +443,8 @@ def add_children_one_token(tree: Tree, node) -> Tree:
   Takes the top (#children + 1) stored tokens, softmaxes their stored logits
   (temperature 1), drops tokens whose probability is zero (as a one-token proposal
   does; float32 underflows at a logit gap of ~100 where float64 needs ~745), applies
-  root smoothing at the root and appends the tokens not yet children with those
-  priors; existing children keep their priors.
+  root smoothing at the root and appends the tokens not yet children, in ascending id
+  (as the original's np.where does), with those priors; existing children keep theirs.
 
   Args:
     tree: the tree.
@@ -460,6 +460,9 @@ def add_children_one_token(tree: Tree, node) -> Tree:
   probs = jnp.where(taken, jax.nn.softmax(logits), 0.0)
   taken = taken & (probs > 0)
   priors = _priors_from_weights(tree, node, probs, taken)
+  # The original adds the new tokens in ascending id (np.where over the vocabulary).
+  order = jnp.argsort(jnp.where(taken, ids, jnp.iinfo(jnp.int32).max))
+  ids, priors, taken = ids[order], priors[order], taken[order]
   tokens = jnp.zeros((c, tree.max_tokens), jnp.int32).at[:, 0].set(ids)
   lens = jnp.ones((c,), jnp.int32)
   add = taken & ~_present_among_children(tree, node, tokens, lens)

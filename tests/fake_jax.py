@@ -30,9 +30,13 @@ def tables_for(lm):
 
 
 class ScriptedJudge:
-  """Per row: v = -1 if the row's harmful token is in the generated text else +1, or a
-  constant when the row's `constant` is not NaN. judge_inputs: {'harmful': [B] int32,
-  'constant': [B] float32}."""
+  """Per row: v = -1 if the row's harmful token is in the generated text (cut before a
+  new turn marker, as every judge cuts it) else +1, or a constant when the row's
+  `constant` is not NaN. judge_inputs: {'harmful': [B] int32, 'constant': [B] float32}.
+  stop_sequences: [M, W] right-aligned turn-marker sequences, or None."""
+
+  def __init__(self, stop_sequences=None):
+    self.stop_sequences = stop_sequences
 
   def init_state(self, params, inputs):
     return inputs
@@ -41,6 +45,8 @@ class ScriptedJudge:
     return state
 
   def evaluate(self, params, state, gen, answer_len, gen_len, active):
+    if self.stop_sequences is not None:
+      gen_len = search.text_before_stop_sequence(gen, gen_len, self.stop_sequences)
     live = jnp.arange(gen.shape[1])[None] < gen_len[:, None]
     bad = jnp.any(live & (gen == state['harmful'][:, None]), axis=1)
     value = jnp.where(bad, -1.0, 1.0)

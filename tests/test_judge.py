@@ -241,3 +241,52 @@ def test_bad_judge_settings_raise(kwargs, message):
   settings.update(kwargs)
   with pytest.raises(ValueError, match=message):
     ABJudge(**settings)
+
+
+def test_judged_text_is_cut_before_a_new_turn_marker():
+  """The original judges its decoded text cut before a new turn marker
+  (text[:marker]); the judge must read content + marker + anything after it exactly as
+  it reads the content alone (issue 7, item 3). The marker here is two tokens long and
+  starts inside the uncommitted content; one row has no marker (nothing is cut)."""
+  marker = (77, 78)
+  stops = np.full((1, 2), -1, np.int32)
+  stops[0] = marker
+  fns = engine.llama_model_fns(CONFIG)
+  recorder = RecordingForward(fns.forward)
+  model = search.ModelFns(forward=recorder, init_cache=fns.init_cache,
+                          vocab_size=fns.vocab_size, hidden_size=fns.hidden_size)
+  judge = ABJudge(model=model, suffixes=SUFFIXES, label_a=LABEL_A, label_b=LABEL_B,
+                  prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP, content_cap=CONTENT_CAP,
+                  chunk=CHUNK, stop_sequences=stops)
+  params = llama_recompute.scaled_params(CONFIG, seed=3, embed_scale=1.0)
+  rng = np.random.default_rng(0)
+  batch = 2
+  prefix = jnp.asarray(rng.integers(3, 70, (batch, PREFIX_WIDTH)), jnp.int32)
+  answer_len = jnp.asarray([2, 0], jnp.int32)
+  content = [int(t) for t in rng.integers(3, 70, 5)]
+  junk = [int(t) for t in rng.integers(3, 70, 4)]
+  with_marker = content + list(marker) + junk
+  gen_cut = np.zeros((batch, GEN_WIDTH), np.int32)
+  gen_full = np.zeros((batch, GEN_WIDTH), np.int32)
+  gen_cut[0, 2:2 + len(content)] = content
+  gen_full[0, 2:2 + len(with_marker)] = with_marker
+  gen_cut[1, :len(content)] = gen_full[1, :len(content)] = content   # no marker
+  len_cut = jnp.asarray([2 + len(content), len(content)], jnp.int32)
+  len_full = jnp.asarray([2 + len(with_marker), len(content)], jnp.int32)
+  active = jnp.ones((batch,), bool)
+
+  @jax.jit
+  def judge_once(gen, gen_len):
+    state = judge.init_state(params, {'tokens': prefix, 'lens': jnp.full((batch,),
+                                                                         PREFIX_WIDTH)})
+    state = judge.commit(params, state, jnp.asarray(gen_cut[:, :2]), answer_len,
+                         jnp.ones((batch,), bool))
+    v, _ = judge.evaluate(params, state, gen, answer_len, gen_len, active)
+    return v, label_logits_of_last_pass(judge, recorder)
+
+  v_cut, logits_cut = judge_once(jnp.asarray(gen_cut), len_cut)
+  v_full, logits_full = judge_once(jnp.asarray(gen_full), len_full)
+  np.testing.assert_array_equal(v_full, v_cut)
+  np.testing.assert_allclose(logits_full, logits_cut, atol=1e-6)
+  cut = search.text_before_stop_sequence(jnp.asarray(gen_full), len_full, jnp.asarray(stops))
+  assert list(np.asarray(cut)) == [2 + len(content), len(content)]

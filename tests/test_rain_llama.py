@@ -95,6 +95,11 @@ class RecomputedLlama:
   def has_turn_marker(self, ids, prompt_len):
     return TURN_MARKER_ID in ids[prompt_len:]
 
+  def turn_marker_start(self, ids, prompt_len):
+    if self.has_turn_marker(ids, prompt_len):
+      return prompt_len + list(ids[prompt_len:]).index(TURN_MARKER_ID)
+    return len(ids)
+
 
 def search_tables():
   clause_end = np.zeros((MODEL.vocab_size,), bool)
@@ -111,7 +116,7 @@ def params():
 
 @pytest.fixture(scope='module')
 def searcher():
-  return search.Searcher(engine.llama_model_fns(MODEL), fake_jax.ScriptedJudge(), CFG,
+  return search.Searcher(engine.llama_model_fns(MODEL), fake_jax.ScriptedJudge(search_tables().stop_sequences), CFG,
                          PROMPT_WIDTH)
 
 
@@ -257,7 +262,7 @@ def test_rows_one_by_one_equal_the_batch(params, judges, baseline):
   Tokens, counts and stop reasons must be equal; the float statistics may differ in the
   last bits, as XLA may order the float operations of a 1-row program differently
   (priors were seen to differ by ~3e-8)."""
-  single = search.Searcher(engine.llama_model_fns(MODEL), fake_jax.ScriptedJudge(), CFG,
+  single = search.Searcher(engine.llama_model_fns(MODEL), fake_jax.ScriptedJudge(search_tables().stop_sequences), CFG,
                            PROMPT_WIDTH)
   for row in range(len(PROMPTS)):
     alone, batched = row_of(run(single, params, [PROMPTS[row]], [SEEDS[row]],

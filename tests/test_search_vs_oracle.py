@@ -16,7 +16,6 @@ from tests.oracle import fake_lm
 from tests.oracle import rain_reference as ref
 
 MAX_NEW = 12
-JUDGE = fake_jax.ScriptedJudge()
 _SEARCHERS = {}
 
 
@@ -25,9 +24,10 @@ def _searcher(lm, prompt_width, **overrides):
   settings = dict(max_T=16, min_T=3, max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8,
                   max_rollout=48)
   cfg = RainConfig(**{**settings, **overrides})
-  key = (lm.vocab_size, lm.embedding_table.shape[1], prompt_width, cfg)
+  key = (lm.vocab_size, lm.embedding_table.shape[1], prompt_width, cfg, lm.turn_marker_id)
   if key not in _SEARCHERS:
-    _SEARCHERS[key] = search.Searcher(fns, JUDGE, cfg, prompt_width)
+    judge = fake_jax.ScriptedJudge(fake_jax.tables_for(lm).stop_sequences)
+    _SEARCHERS[key] = search.Searcher(fns, judge, cfg, prompt_width)
   searcher = _SEARCHERS[key]
   searcher.model = fns  # same shapes: reuse the compiled program with this model's tables
   return searcher, cfg
@@ -53,7 +53,10 @@ def run_oracle(lm, prompt, judge_kwargs, seed, cfg):
   settings = ref.Settings(max_T=cfg.max_T, min_T=cfg.min_T, maxlen=len(prompt) + MAX_NEW - 1,
                           seed=seed, propose_temperature=cfg.propose_temperature,
                           sample_attempts_factor=cfg.sample_attempts_factor,
-                          rollout_stops_at_clause_end=cfg.rollout_stops_at_clause_end)
+                          rollout_stops_at_clause_end=cfg.rollout_stops_at_clause_end,
+                          terminal_eos_in_path=cfg.terminal_eos_in_path,
+                          rollout_stops_at_path_eos=cfg.rollout_stops_at_path_eos,
+                          search_stops_at_turn_marker=cfg.search_stops_at_turn_marker)
   return ref.rain_generate(tuple(prompt), lm, judge, settings)
 
 
@@ -164,3 +167,67 @@ def test_parallel_leaves_is_a_working_non_reference_mode():
     assert out['stats']['simulations'][row] % 4 == 0
     first = out['dump_stats'][row, 0]
     assert np.sum(first[:, 1] > 0) >= 2   # real visits on at least two root children
+
+
+# ------------------------------------------- the original's per-task rules (issue 7)
+
+
+def test_one_token_children_come_in_ascending_id_order():
+  """The original collects one-token candidates with np.where over the vocabulary, so
+  the root's children are in ascending id whatever their logits (item 4)."""
+  lm = fake_lm.random_bigram_lm(16, 8, seed=3, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5)
+  prompt = [3, 4, 6]
+  out, cfg = run_jax(lm, [prompt], {'constant': 0.0}, [0])
+  ids = out['dump_tokens'][0, 0, :, 0]
+  ids = ids[ids >= 0]
+  top10 = np.argsort(-lm.logits_table[6], kind='stable')[:cfg.num_candidates]
+  assert list(ids) == sorted(top10)          # the top-10 tokens, by id
+  assert list(ids) != list(top10)            # not by logit
+  assert_same(out, 0, run_oracle(lm, prompt, {'constant': 0.0}, 0, cfg))
+
+
+def test_adv_one_token_priors_use_temperature_two():
+  """adv proposes at temperature 2 (the original's group_getp default), one-token
+  priors included (item 5): hand-computed root priors at the first commit."""
+  lm = fake_lm.random_bigram_lm(16, 8, seed=8, eos_id=1, clause_end_ids=(2,),
+                                logit_scale=1.5)
+  prompt = [3, 4, 6]
+  adv = dict(propose_temperature=2.0, sample_attempts_factor=2, min_T=5,
+             terminal_eos_in_path=True)
+  out, cfg = run_jax(lm, [prompt], {'constant': 0.0}, [0], **adv)
+  z = lm.logits_table[6].astype(np.float64)
+  top = np.sort(np.argsort(-z, kind='stable')[:10])
+  p = np.exp(z[top] / 2.0 - np.max(z[top] / 2.0))
+  p = 0.75 * p / p.sum() + 0.25 / 10                       # root smoothing
+  ids = out['dump_tokens'][0, 0, :10, 0]
+  assert list(ids) == list(top)
+  np.testing.assert_allclose(out['dump_stats'][0, 0, :10, 3], p / p.sum(), rtol=1e-5)
+  assert_same(out, 0, run_oracle(lm, prompt, {'constant': 0.0}, 0, cfg))
+
+
+TASK_RULES = {
+    'hh': dict(),
+    'adv': dict(propose_temperature=2.0, sample_attempts_factor=2, min_T=5,
+                terminal_eos_in_path=True),
+    'truth': dict(min_T=16, rollout_stops_at_clause_end=False,
+                  rollout_stops_at_path_eos=True, search_stops_at_turn_marker=False),
+}
+
+
+@pytest.mark.parametrize('task', sorted(TASK_RULES))
+@pytest.mark.parametrize('lm_seed', [20, 21])
+def test_stopping_rules_of_each_task_match_the_oracle(task, lm_seed):
+  """EOS and the turn marker are likely, answers short: the rollout stop (len > maxlen;
+  HH/adv only after a sampled EOS, truth on any EOS in the text), the terminal test
+  (HH/truth: EOS in the leaf's set, adv: anywhere), the judge's cut before the turn
+  marker, and truth ignoring markers must all agree with the oracle (items 3, 7)."""
+  rng = np.random.default_rng(lm_seed)
+  logits = rng.normal(0.0, 1.0, (16, 16)).astype(np.float32)
+  logits[:, 1] += 1.5     # EOS
+  logits[:, 9] += 1.5     # turn marker
+  lm = fake_lm.BigramLM(logits, rng.normal(0, 1, (16, 8)).astype(np.float32), eos_id=1,
+                        clause_end_ids=(2,), turn_marker_id=9)
+  prompt = [3, 4, 6]
+  out, cfg = run_jax(lm, [prompt], {'harmful': 5}, [lm_seed], max_T=15, **TASK_RULES[task])
+  assert_same(out, 0, run_oracle(lm, prompt, {'harmful': 5}, lm_seed, cfg))

@@ -96,6 +96,17 @@ def test_paper_flagfiles_parse_and_name_their_weights(path):
   assert 'WEIGHTS ARE NOT INCLUDED' in open(path).read()
 
 
+@pytest.mark.parametrize('path', PAPER, ids=os.path.basename)
+def test_paper_flagfiles_never_truncate_a_rollout(path):
+  """A rollout ends by maxlen = prompt + max_new_tokens - 1 at the latest (truth rolls
+  out to EOS), so max_rollout >= max_new_tokens never cuts one; the default of 64 would
+  (issue 7, item 6)."""
+  parsed = _absl_parse(path)
+  assert parsed.max_rollout is not None and parsed.max_rollout >= parsed.max_new_tokens
+  assert parsed.max_depth is not None and parsed.max_depth >= 16
+  assert parsed.num_nodes is not None and parsed.num_nodes >= 2048
+
+
 def test_paper_settings_cover_the_papers_models():
   names = {os.path.basename(p)[:-len('.flags')] for p in PAPER}
   assert names == {

@@ -60,6 +60,12 @@ class BigramLM:
     """Whether the turn-marker token occurs in ids[prompt_len:]."""
     return self.turn_marker_id is not None and self.turn_marker_id in ids[prompt_len:]
 
+  def turn_marker_start(self, ids, prompt_len):
+    """Index of the first turn-marker token in ids[prompt_len:] (len(ids) when none)."""
+    if self.has_turn_marker(ids, prompt_len):
+      return prompt_len + list(ids[prompt_len:]).index(self.turn_marker_id)
+    return len(ids)
+
 
 def bigram_logits(vocab_size, preferences, base_logit=0.0):
   """A [V, V] float32 logits table: every entry base_logit, except

@@ -186,9 +186,10 @@ def should_add_child(node, max_children=20, var_scale=0.03):
 def add_children_one_token(node, is_root):
   """One-token widening (§5): priors from the top-(#children + 1) stored logits.
 
-  Softmax at temperature 1 over those logits; tokens with zero probability are dropped
-  as in a one-token proposal; root smoothing if root; tokens not yet children are
-  appended with their priors, existing priors are untouched.
+  Softmax at temperature 1 over those logits (also for adv: the stored logits are raw);
+  tokens with zero probability are dropped as in a one-token proposal; root smoothing if
+  root; tokens not yet children are appended in ascending id with their priors,
+  existing priors are untouched.
   """
   if node.stored_top is None:
     raise ValueError("add_children_one_token: node has no stored top logits")
@@ -197,7 +198,8 @@ def add_children_one_token(node, is_root):
   kept = [(token, p) for (token, _), p in zip(top, probs) if p > 0]
   priors = priors_from_weights([p for _, p in kept], is_root)
   present = {c.tokens for c in node.children}
-  for (token, _), prior in zip(kept, priors):
+  # The original walks the vocabulary with np.where: new tokens come in ascending id.
+  for (token, _), prior in sorted(zip(kept, priors), key=lambda e: e[0][0]):
     if (token,) not in present:
       add_child(node, (token,), prior)
 
@@ -370,17 +372,18 @@ def sample_token(logits, allowed, temperature, seed, counters):
   return best
 
 
-def propose_one_token(logits, k=10, keep=20):
+def propose_one_token(logits, k=10, keep=20, temperature=1.0):
   """One-token proposal (§3, len == 1).
 
   logits: [V] at the leaf. Returns (candidates, stored_top): candidates are the top-k
-  tokens with non-zero softmax probability (temperature 1) as [((id,), prob)] in
-  descending logit order; stored_top is the top-`keep` [(id, raw logit)] kept for
-  widening (widening needs at most max_children of them).
+  tokens with non-zero softmax probability at `temperature` (adv: 2) as
+  [((id,), prob)] in ascending id (the original's np.where over the vocabulary);
+  stored_top is the top-`keep` [(id, raw logit)] kept for widening (widening needs at
+  most max_children of them).
   """
   top = top_tokens(logits, k)
-  probs = softmax([logit for _, logit in top], 1.0)
-  candidates = [((v,), p) for (v, _), p in zip(top, probs) if p > 0]
+  probs = softmax([logit for _, logit in top], temperature)
+  candidates = sorted(((v,), p) for (v, _), p in zip(top, probs) if p > 0)
   return candidates, top_tokens(logits, keep)
 
 
@@ -465,7 +468,11 @@ def path_embeddings(lm, leaf, root, full_ids, rollout_len):
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """Search constants (§2-§6); defaults are HH's. adv: min_T=5, propose_temperature=2,
-  sample_attempts_factor=2. truth: min_T=16, rollout_stops_at_clause_end=False."""
+  sample_attempts_factor=2, terminal_eos_in_path=True (adv's terminal test looks for EOS
+  in the whole text). truth: min_T=16, rollout_stops_at_clause_end=False,
+  rollout_stops_at_path_eos=True (truth checks the text for EOS before each sample; HH
+  and adv stop only after sampling EOS), search_stops_at_turn_marker=False (truth never
+  looks for a turn marker while searching)."""
   max_T: int = 50
   min_T: int = 6
   value_threshold: float = 0.8
@@ -480,6 +487,9 @@ class Settings:
   propose_temperature: float = 1.0
   sample_attempts_factor: int = 1
   rollout_stops_at_clause_end: bool = True
+  terminal_eos_in_path: bool = False
+  rollout_stops_at_path_eos: bool = False
+  search_stops_at_turn_marker: bool = True
   similarity: bool = True
   seed: int = 0
 
@@ -510,6 +520,9 @@ class LanguageModel(Protocol):
 
   def has_turn_marker(self, ids: tuple, prompt_len: int) -> bool:
     """Whether ids[prompt_len:] holds a new turn marker."""
+
+  def turn_marker_start(self, ids: tuple, prompt_len: int) -> int:
+    """Index in ids where the first new turn marker starts (len(ids) when none)."""
 
 
 class Judge(Protocol):
@@ -572,37 +585,47 @@ class _Search:
     self.sim += 1
 
   def is_terminal(self, node, text):
-    """No expansion past maxlen, an EOS in the node's tokens, or a new turn marker."""
-    return (len(text) > self.settings.maxlen or self.lm.eos_id in node.tokens or
-            self.lm.has_turn_marker(text, self.prompt_len))
+    """No expansion past maxlen, EOS in the node's tokens (adv: anywhere in the
+    generated text), or a new turn marker (not for truth)."""
+    s = self.settings
+    eos_in = text[self.prompt_len:] if s.terminal_eos_in_path else node.tokens
+    return (len(text) > s.maxlen or self.lm.eos_id in eos_in or
+            (s.search_stops_at_turn_marker and
+             self.lm.has_turn_marker(text, self.prompt_len)))
 
   def rollout(self, text):
     """Rollout (§4.1) from text; returns the sampled tokens.
 
-    Before each sample it stops when the text has reached maxlen, the generated part
-    holds EOS, a new turn marker appeared, or (unless truth) the text ends a clause.
-    Each token is drawn from the full softmax at temperature 1 with counters
-    (ROLLOUT, sim, 0, t), t = 0-based index within the rollout.
+    Before each sample it stops when the text is longer than maxlen, a new turn marker
+    appeared (unless truth), the text ends a clause (unless truth), or (truth only) the
+    generated part holds EOS; HH and adv stop right after sampling EOS. Each token is
+    drawn from the full softmax at temperature 1 with counters (ROLLOUT, sim, 0, t),
+    t = 0-based index within the rollout.
     """
     s = self.settings
     text, sampled = tuple(text), []
     all_ids = range(self.lm.vocab_size)
     while True:
-      if (len(text) >= s.maxlen or self.lm.eos_id in text[self.prompt_len:] or
-          self.lm.has_turn_marker(text, self.prompt_len) or
+      if (len(text) > s.maxlen or
+          (s.rollout_stops_at_path_eos and self.lm.eos_id in text[self.prompt_len:]) or
+          (s.search_stops_at_turn_marker and
+           self.lm.has_turn_marker(text, self.prompt_len)) or
           (s.rollout_stops_at_clause_end and self.lm.is_clause_end(text[-1]))):
         return tuple(sampled)
       counters = (ROLLOUT, self.sim, 0, len(sampled))
       token = sample_token(self.lm.next_logits(text), all_ids, 1.0, s.seed, counters)
       sampled.append(token)
       text = text + (token,)
+      if token == self.lm.eos_id and not s.rollout_stops_at_path_eos:
+        return tuple(sampled)
 
   def evaluate(self, text):
     """Self-evaluation (§4): (v, rollout tokens); verdicts memoised by judged ids."""
     rollout = self.rollout(text)
-    ids = text + rollout
-    # The original memoises by the judged text (cut before a new turn marker); a fake
-    # model has no text, so the key here is the whole judged id sequence.
+    # The judged conversation is cut before a new turn marker (§4.2).
+    ids = (text + rollout)[:self.lm.turn_marker_start(text + rollout, self.prompt_len)]
+    # The original memoises by the judged text; a fake model has no text, so the key
+    # here is the judged id sequence.
     if ids not in self.verdicts:
       self.verdicts[ids] = float(self.judge.value(ids, self.prompt_len))
     return self.verdicts[ids], rollout
@@ -614,7 +637,8 @@ class _Search:
     is_root = leaf.parent is None
     if length == 1:
       candidates, stored_top = propose_one_token(self.lm.next_logits(text),
-                                                 s.num_candidates, s.max_children)
+                                                 s.num_candidates, s.max_children,
+                                                 s.propose_temperature)
       expand(leaf, candidates, is_root, stored_top)
     else:
       k = s.num_candidates
@@ -670,7 +694,7 @@ def rain_generate(prompt, lm, judge, settings):
     state += root.tokens
     committed.append(root.tokens)
     done_visits = root.fn
-    if lm.has_turn_marker(state, len(prompt)):
+    if s.search_stops_at_turn_marker and lm.has_turn_marker(state, len(prompt)):
       stop_reason = "turn_marker"
     elif len(state) > s.maxlen:
       stop_reason = "maxlen"
