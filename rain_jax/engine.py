@@ -271,7 +271,9 @@ class RainRunner:
       record = {
           **answer_record(self.task, self.model.tokenizer, ex, ids, 'rain', new_ids, reason,
                           seconds, len(batch), compile_seconds, self.cfg.seed),
-          'search': {**stats, 'capacity_overflows': int(out['overflow'][i])},
+          'search': {**stats, 'capacity_overflows': int(out['overflow'][i]),
+                     'widenings': int(out['widenings'][i]),
+                     'shared_updates': int(out['shared_updates'][i])},
           'rain_config': dataclasses.asdict(self.cfg),
       }
       if self.dump_tree:

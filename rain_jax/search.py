@@ -779,7 +779,8 @@ class Searcher:
     prompt_tokens [B, W] right-padded, prompt_lens [B], seeds [B] uint32, judge_inputs:
     the judge's per-prompt inputs ([B, ...] leaves). Returns a dict of [B, ...] arrays:
     answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims
-    (root children at each commit), overflow (tree children that did not fit)."""
+    (root children at each commit), overflow (tree children that did not fit), widenings
+    (children added by widening), shared_updates (sibling value shares)."""
     st = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)
 
     def body(st):
@@ -794,4 +795,5 @@ class Searcher:
     st = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, st)
     return dict(answer=self._first(st.answer), answer_len=self._first(st.answer_len),
                 stop_reason=st.stop_reason, stats=st.stats, dump_tokens=st.dump_tokens,
-                dump_stats=st.dump_stats, dump_sims=st.dump_sims, overflow=st.tree.overflow)
+                dump_stats=st.dump_stats, dump_sims=st.dump_sims, overflow=st.tree.overflow,
+                widenings=st.tree.widenings, shared_updates=st.tree.shared_updates)

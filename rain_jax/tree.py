@@ -2,7 +2,7 @@
 
 Every function here takes and returns ONE tree with static shapes, so the search can
 `jax.vmap` it over a batch of prompts and `jax.jit` the whole generation. The semantics
-are those of ../shared/docs/rain-reference.md: §1 (node statistics), §3 (selection
+are those of docs/algorithm.md: §1 (node statistics), §3 (selection
 and expansion), §5 (widening), §6 (backup with similarity sharing) and §2 (commit),
 with the ordering facts of docs/engine.md §4 deciding every "first maximum wins" tie.
 
@@ -10,9 +10,8 @@ Shape letters: N node capacity, C max children per node (the reference's 20; it 
 bounds the stored candidate lists, since widening reads at most #children + 1 <= C
 entries), L max tokens per node (10), E embedding dimension, D path capacity.
 
-Slots are never compacted: a node's index is also where its keys/values live in the
-tree KV cache, so a commit frees the slots outside the kept subtree in place and later
-expansions reuse the lowest free slots. Children that find no free slot (or no free
+Slots are never compacted: a commit frees the slots outside the kept subtree in place
+and later expansions reuse the lowest free slots. Children that find no free slot (or no free
 child column) are not created and are counted in `overflow`, never dropped silently.
 """
 import jax
@@ -54,6 +53,8 @@ class Tree:
     min_q: () float32, starts at -1, only ever decreases within a generation.
     max_q: () float32, starts at +1, only ever increases within a generation.
     overflow: () int32, children that could not be allocated.
+    widenings: () int32, children added by widening (should_add_child, §5).
+    shared_updates: () int32, sibling value shares made by backups (§6).
   """
   parent: jax.Array
   children: jax.Array
@@ -78,6 +79,8 @@ class Tree:
   min_q: jax.Array
   max_q: jax.Array
   overflow: jax.Array
+  widenings: jax.Array
+  shared_updates: jax.Array
 
   @property
   def num_nodes(self) -> int:
@@ -138,6 +141,8 @@ def init_tree(num_nodes, max_children, max_tokens, embed_dim, root_step=0) -> Tr
       min_q=jnp.asarray(-1.0, jnp.float32),
       max_q=jnp.asarray(1.0, jnp.float32),
       overflow=jnp.asarray(0, jnp.int32),
+      widenings=jnp.asarray(0, jnp.int32),
+      shared_updates=jnp.asarray(0, jnp.int32),
   )
 
 
@@ -466,7 +471,13 @@ def add_children_one_token(tree: Tree, node) -> Tree:
   tokens = jnp.zeros((c, tree.max_tokens), jnp.int32).at[:, 0].set(ids)
   lens = jnp.ones((c,), jnp.int32)
   add = taken & ~_present_among_children(tree, node, tokens, lens)
-  return _add_children(tree, node, add, tokens, lens, priors)
+  return _count_widening(tree, _add_children(tree, node, add, tokens, lens, priors), node)
+
+
+def _count_widening(before: Tree, after: Tree, node) -> Tree:
+  """`after` with `widenings` raised by the children widening gave `node`."""
+  added = after.num_children[node] - before.num_children[node]
+  return after.replace(widenings=after.widenings + added)
 
 
 def add_children_multi(tree: Tree, node, new_tokens, new_lens, new_weights,
@@ -514,7 +525,7 @@ def add_children_multi(tree: Tree, node, new_tokens, new_lens, new_weights,
   earlier = jnp.tril(jnp.ones((total, total), bool), k=-1)
   repeated = jnp.any(same & earlier & taken[None, :], axis=-1)
   add = taken & ~repeated & ~_present_among_children(tree, node, tokens, lens)
-  tree = _add_children(tree, node, add, tokens, lens, priors)
+  tree = _count_widening(tree, _add_children(tree, node, add, tokens, lens, priors), node)
   return tree.replace(
       cand_tokens=tree.cand_tokens.at[node].set(tokens[:c]),
       cand_lens=tree.cand_lens.at[node].set(lens[:c]),
@@ -595,6 +606,7 @@ def backup(tree: Tree, path, path_len, value, path_embeddings, sim_threshold,
           True, mode='drop'),
       min_q=jnp.minimum(tree.min_q, jnp.min(jnp.where(non_root, q, jnp.inf))),
       max_q=jnp.maximum(tree.max_q, jnp.max(jnp.where(non_root, q, -jnp.inf))),
+      shared_updates=tree.shared_updates + jnp.sum(share).astype(jnp.int32),
   )
 
 

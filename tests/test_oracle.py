@@ -361,9 +361,9 @@ def test_early_stop_after_min_t_plus_two_simulations(min_t):
   # keeps it ahead, and the rule needs fn > min_T, i.e. min_T + 1 real visits.
   assert first.simulations == min_t + 2
   assert first.early_stop
-  top = first.children[0]
-  assert top.tokens == (4,) and top.fn == min_t + 1 and top.q == 1.0
-  assert all(c.n == 0 for c in first.children[1:])
+  top = next(c for c in first.children if c.tokens == (4,))
+  assert top.fn == min_t + 1 and top.q == 1.0
+  assert all(c.n == 0 for c in first.children if c is not top)
   assert result.committed[0] == (4,)
 
 

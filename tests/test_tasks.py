@@ -278,7 +278,8 @@ def test_runner_picks_the_judge_with_the_reference_ids():
   yes_no = _runner(tasks.get_task('truthfulqa'), tok)._judge(64, 16, 16)
   assert isinstance(yes_no, judge_lib.YesNoJudge)
   assert set(yes_no.yes_ids) == {3869, 8241} and set(yes_no.no_ids) == {1939, 3782}
-  assert list(yes_no.suffix) == tok.encode('\nIs the answer truthful? [\\INST] ')
+  # The suffix as it continues the judged text: no SentencePiece "▁" (29871) first.
+  assert list(yes_no.suffix) == tok.encode('\nIs the answer truthful? [\\INST] ')[1:]
   assert yes_no.period[tok.encode('Hello.')[-1]] and not yes_no.period[tok.encode('Hi')[-1]]
   ab = _runner(tasks.get_task('adv'), tok)._judge(64, 16, 16)
   assert isinstance(ab, judge_lib.ABJudge)

@@ -66,7 +66,11 @@ def read_data_text(*parts: str) -> str:
   """Text of a data file shipped in rain_jax/data, read as the original RAIN code reads its
   prompt files: UTF-8 in Python's text mode, so Windows line ends ("\r\n") and lone
   "\r" become "\n" (the prompt files are stored with CRLF; the model never sees "\r")."""
-  text = data_path(*parts).read_bytes().decode('utf-8')
+  return text_mode(data_path(*parts).read_bytes().decode('utf-8'))
+
+
+def text_mode(text: str) -> str:
+  """`text` as Python's text mode reads it: "\r\n" and lone "\r" become "\n"."""
   return text.replace('\r\n', '\n').replace('\r', '\n')
 
 

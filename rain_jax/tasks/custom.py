@@ -9,7 +9,7 @@ rain_jax/data/prompts (default HH) or a path to a folder holding those three fil
 import os
 
 from rain_jax.results import read_jsonl_objects
-from rain_jax.tasks.base import Example, Task, data_path, select_range
+from rain_jax.tasks.base import Example, Task, data_path, select_range, text_mode
 
 PLACEHOLDER = '{prompt}'
 JUDGE_PROMPT_FILES = ('f2.txt', 'r1.txt', 'r2.txt')
@@ -95,8 +95,9 @@ class CustomTask(Task):
     self.judge_folder = judge_prompt_folder(self.judge_prompts)
 
   def read_judge_prompt(self, name):
+    """The file's text read like the shipped prompts (text mode: CRLF -> LF)."""
     with open(os.path.join(str(self.judge_folder), name), 'rb') as f:
-      return f.read().decode('utf-8')
+      return text_mode(f.read().decode('utf-8'))
 
   def load_examples(self, start, num_examples):
     rows = read_prompt_file(self.prompt_file)
