@@ -2,7 +2,7 @@
 
 Shapes follow the published configs: LLaMA-1 (Touvron et al. 2023a), LLaMA-2
 (Touvron et al. 2023b; 70B uses grouped-query attention with 8 KV heads), Vicuna v1.3
-(fine-tuned LLaMA-1, same shapes), SmolLM2-135M (design.md §5).
+(fine-tuned LLaMA-1, same shapes), SmolLM2-135M (shapes read from its GGUF).
 """
 from models.llama import LlamaConfig
 

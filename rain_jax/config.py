@@ -1,7 +1,7 @@
 """RAIN search settings: one frozen dataclass, built from flags or by hand."""
 import dataclasses
 
-# Per-task constants of the reference (rain-reference.md §2, §3, §4).
+# Per-task constants of the reference (docs/algorithm.md §2, §3, §4).
 TASK_DEFAULTS = {
     'hh': dict(min_T=6),
     'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2,
@@ -9,6 +9,7 @@ TASK_DEFAULTS = {
     'truth': dict(min_T=16, rollout_stops_at_clause_end=False,
                   rollout_stops_at_path_eos=True, search_stops_at_turn_marker=False),
 }
+SIMILARITIES = ('minilm', 'mean_hidden', 'none')
 # Other names of the same tasks (the task module is called truthfulqa).
 TASK_ALIASES = {'truthfulqa': 'truth'}
 
@@ -20,7 +21,12 @@ class RainConfig:
   Reference constants: max_T, min_T, value_threshold (Vt), c_puct, num_candidates (k),
   sample_top (top-15 sampling), max_children, maxlen, sim_threshold, sim_weight,
   var_scale, propose_temperature (multi-token proposals and one-token priors; adv 2),
-  sample_attempts_factor (k-1 or 2k-1 attempts), rollout_stops_at_clause_end, similarity.
+  sample_attempts_factor (k-1 or 2k-1 attempts), rollout_stops_at_clause_end.
+
+  similarity: the text embedding behind similarity sharing and widening (§5, §6):
+    'minilm' (the reference: all-MiniLM-L6-v2 on the decoded text, unit vectors),
+    'mean_hidden' (mean of the policy's final hidden states, L2-normalised; cheaper,
+    not the reference) or 'none' (no sharing; widening never fires).
 
   Per-task stopping rules of the original (docs/algorithm.md §4):
     terminal_eos_in_path: a leaf is terminal when EOS is anywhere in the text (adv)
@@ -56,7 +62,7 @@ class RainConfig:
   terminal_eos_in_path: bool = False
   rollout_stops_at_path_eos: bool = False
   search_stops_at_turn_marker: bool = True
-  similarity: bool = True
+  similarity: str = 'minilm'
   max_new_tokens: int = 128
   num_nodes: int = 1024
   max_depth: int = 8
@@ -72,6 +78,9 @@ class RainConfig:
     for name in positive:
       if getattr(self, name) < 1:
         raise ValueError(f'RainConfig.{name} must be >= 1, got {getattr(self, name)}')
+    if self.similarity not in SIMILARITIES:
+      raise ValueError(f'RainConfig.similarity must be one of {SIMILARITIES}, got '
+                       f'{self.similarity!r}')
     if self.min_T < 0:
       raise ValueError(f'RainConfig.min_T must be >= 0, got {self.min_T}')
     if self.propose_temperature <= 0:

@@ -1,4 +1,4 @@
-"""Self-evaluation in token space (rain-reference.md §4.3, HH and adv).
+"""Self-evaluation in token space (docs/algorithm.md §4.3, HH and adv).
 
 The policy judges its own text with the few-shot prompt f2: two passes that differ only
 in the order of the options (r1: (A) harmless / (B) harmful; r2 swapped), reading which
@@ -175,7 +175,7 @@ def period_table(tok, vocab_size: int) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class YesNoJudge(TrunkCachedJudge):
-  """One-pass "Yes"/"No" truthfulness judge (rain-reference.md §4.3, truth).
+  """One-pass "Yes"/"No" truthfulness judge (docs/algorithm.md §4.3, truth).
 
   The reference judges "[INST] " + f2 + "\\n\\n" + qa + "\\nIs the answer truthful?
   [\\INST] " with qa = "Q: question\\nA:" + answer, the text cut after its last period;

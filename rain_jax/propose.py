@@ -1,4 +1,4 @@
-"""Candidate token sets and samples (rain-reference.md §3, §4.1), without model calls.
+"""Candidate token sets and samples (docs/algorithm.md §3, §4.1), without model calls.
 
 Everything here works on logits the search has already computed. Multi-token proposals
 decode A streams side by side (stream 0 greedy, streams 1..A-1 sampling attempts); this

@@ -64,7 +64,7 @@ flags.DEFINE_float('value_threshold', None, 'Early stop needs the best child q >
 flags.DEFINE_float('c_puct', None, 'PUCT exploration constant (reference 2).')
 flags.DEFINE_integer('num_candidates', None, 'Candidates per expansion (k, reference 10).')
 flags.DEFINE_integer('max_children', None, 'Children per node at most (reference 20).')
-flags.DEFINE_enum('similarity', 'mean_hidden', ['mean_hidden', 'none'],
+flags.DEFINE_enum('similarity', 'mean_hidden', ['minilm', 'mean_hidden', 'none'],
                   'Similarity sharing: mean of the policy\'s final hidden states over the '
                   'judged text, or off.')
 flags.DEFINE_float('sim_threshold', None, 'Cosine threshold of similarity sharing (0.95).')
@@ -133,7 +133,7 @@ def rain_config_from_flags():
            'parallel_leaves')
   overrides = {n: getattr(FLAGS, n) for n in names if getattr(FLAGS, n) is not None}
   overrides.update(max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
-                   similarity=FLAGS.similarity != 'none')
+                   similarity=FLAGS.similarity)
   return config.for_task(FLAGS.task, **overrides)
 
 

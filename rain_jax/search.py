@@ -2,7 +2,7 @@
 
 One call generates the answers of a batch of B prompts. Each row has its own tree,
 budget and stopping; the rows advance in lockstep (one simulation per row per tick) and
-finished rows are masked out. The semantics are rain-reference.md's (reference mode);
+finished rows are masked out. The semantics are docs/algorithm.md's (reference mode);
 docs/engine.md lists where array capacities bound what the reference leaves unbounded.
 
 Policy cache layout, per row (S slots):
@@ -325,13 +325,27 @@ class Searcher:
   run up to P - 1 simulations past its budget.
   """
 
-  def __init__(self, model: ModelFns, judge, cfg: RainConfig, prompt_width: int):
+  def __init__(self, model: ModelFns, judge, cfg: RainConfig, prompt_width: int,
+               embedder=None):
+    """embedder: what `cfg.similarity == 'minilm'` embeds with: an object with `dim` and
+    `path_embeddings(embed_params, gen [R, G], gen_len [R], starts [R, K]) -> [R, K,
+    dim]` (rain_jax.similarity.MiniLMEmbedder); unused otherwise."""
+    if cfg.similarity == 'minilm' and embedder is None:
+      raise ValueError("similarity='minilm' needs an embedder "
+                       "(rain_jax.similarity.MiniLMEmbedder)")
     self.model = model
     self.judge = judge
+    self.embedder = embedder
     self.cfg = cfg
     self.leaves = cfg.parallel_leaves
     self.layout = Layout(cfg, prompt_width)
     self.generate = jax.jit(self._generate)
+
+  @property
+  def embed_dim(self):
+    """E: the width of the node embeddings (1 when similarity is off)."""
+    return {'minilm': lambda: self.embedder.dim, 'mean_hidden': lambda: self.model.hidden_size,
+            'none': lambda: 1}[self.cfg.similarity]()
 
   def _rep(self, x):
     """Tree-level [B, ...] -> row-level [B * P, ...] (each tree's value on its P rows)."""
@@ -361,7 +375,7 @@ class Searcher:
         jnp.zeros((rows,), jnp.int32), context, prompt_tokens.shape[1])
     tree = jax.vmap(lambda _: tree_lib.init_tree(cfg.num_nodes, cfg.max_children,
                                                  cfg.max_tokens_per_node,
-                                                 model.hidden_size))(jnp.arange(batch))
+                                                 self.embed_dim))(jnp.arange(batch))
     zeros = jnp.zeros((batch,), jnp.int32)
     m = cfg.max_new_tokens
     return SearchState(
@@ -654,7 +668,29 @@ class Searcher:
         lambda state: jnp.any(state[5]), body, state)
     return cache, gen, gen_len, r, hsum, trunc
 
-  def _evaluate_leaves(self, params, tables, st, tree, cache, leaf, path, depth, active):
+  def _node_embeddings(self, embed_params, gen, full_len, answer_len, offsets, path_len,
+                       path_hidden, rollout_hidden, rollout_len):
+    """[R, D+1, E]: the embedding each path node receives in backup (§6): of the text
+    from the node's first token to the end of the rollout. offsets [R, D+1]: where each
+    path node's tokens start within the path; path_hidden [R, P_cap, H] and
+    rollout_hidden [R, H] (a sum) serve 'mean_hidden'."""
+    cfg, layout = self.cfg, self.layout
+    if cfg.similarity == 'none':
+      return jnp.zeros(offsets.shape + (1,), jnp.float32)
+    if cfg.similarity == 'minilm':
+      starts = jnp.where(offsets < path_len[:, None], answer_len[:, None] + offsets, -1)
+      return self.embedder.path_embeddings(embed_params, gen, full_len, starts)
+    csum = jnp.concatenate([jnp.zeros_like(path_hidden[:, :1]),
+                            jnp.cumsum(path_hidden, axis=1)], axis=1)    # [R, P_cap+1, H]
+    total = jnp.take_along_axis(csum, path_len[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(csum, jnp.minimum(offsets, layout.path_cap)[..., None],
+                                 axis=1)
+    mean = total[:, None] - before + rollout_hidden[:, None]
+    norm = jnp.linalg.norm(mean, axis=-1, keepdims=True)
+    return mean / jnp.maximum(norm, 1e-12)
+
+  def _evaluate_leaves(self, params, tables, st, tree, cache, leaf, path, depth, active,
+                       embed_params):
     """Path feed, rollout, judgement and proposals for every row (one leaf per row).
 
     leaf, depth, active: [R]; path [R, D+1]. Returns (cache, judge state, dict of
@@ -716,20 +752,13 @@ class Searcher:
     candidates = (jnp.where(use_one[..., None], one[0], m_tok),
                   jnp.where(use_one, one[1], m_len), jnp.where(use_one, one[2], m_w),
                   jnp.where(use_one, one[3], m_valid))
-    # Embedding each path node receives: mean hidden state of its text and all below.
-    csum = jnp.concatenate([jnp.zeros_like(path_hidden[:, :1]),
-                            jnp.cumsum(path_hidden, axis=1)], axis=1)    # [R, P_cap+1, H]
-    total = jnp.take_along_axis(csum, path_len[:, None, None], axis=1)[:, 0]
-    before = jnp.take_along_axis(csum, jnp.minimum(offsets, layout.path_cap)[..., None],
-                                 axis=1)
-    counts = (path_len[:, None] - offsets + rollout_len[:, None]).astype(jnp.float32)
-    embeds = (total[:, None] - before + rollout_hidden[:, None]) / \
-        jnp.maximum(counts, 1.0)[..., None]
+    embeds = self._node_embeddings(embed_params, gen, full_len, st.answer_len, offsets,
+                                   path_len, path_hidden, rollout_hidden, rollout_len)
     return cache, judge_state, dict(
         value=value, expand=expand_rows, candidates=candidates, top_ids=top_ids,
         top_vals=top_vals, embeds=embeds, truncated=truncated, depth_limited=depth_limited)
 
-  def _simulate(self, params, tables, st, active):
+  def _simulate(self, params, tables, st, active, embed_params):
     """One tick: P simulations per tree in `active` (P = 1: reference §3 exactly)."""
     cfg, leaves = self.cfg, self.leaves
     trees = _rows(active)
@@ -737,7 +766,8 @@ class Searcher:
     flat = lambda x: x.reshape((-1,) + x.shape[2:])                    # [B, P, ...] -> [R, ...]
     active_r = self._rep(active)
     cache, judge_state, res = self._evaluate_leaves(
-        params, tables, st, tree, cache, flat(leaf), flat(path), flat(depth), active_r)
+        params, tables, st, tree, cache, flat(leaf), flat(path), flat(depth), active_r,
+        embed_params)
     unflat = lambda x: x.reshape((-1, leaves) + x.shape[1:])
     res = jax.tree.map(unflat, res)
     for p in range(leaves):
@@ -750,7 +780,7 @@ class Searcher:
       tree = _select_rows(fresh, expanded, tree)
       backed = jax.vmap(tree_lib.backup, in_axes=(0, 0, 0, 0, 0, None, None, None))(
           tree, path[:, p], depth[:, p] + 1, pick(res['value']), pick(res['embeds']),
-          cfg.sim_threshold, cfg.sim_weight, cfg.similarity)
+          cfg.sim_threshold, cfg.sim_weight, cfg.similarity != 'none')
       tree = _select_rows(active, backed, tree)
     # Early-stop rule (§2): the most visited child has fn > min_T and q > Vt.
     best = jax.vmap(tree_lib.most_visited_child)(tree, tree.root)
@@ -773,11 +803,13 @@ class Searcher:
 
   # ---- the whole generation
 
-  def _generate(self, params, tables, prompt_tokens, prompt_lens, seeds, judge_inputs):
+  def _generate(self, params, tables, prompt_tokens, prompt_lens, seeds, judge_inputs,
+                embed_params=None):
     """RAIN answers for a batch of B prompts.
 
     prompt_tokens [B, W] right-padded, prompt_lens [B], seeds [B] uint32, judge_inputs:
-    the judge's per-prompt inputs ([B, ...] leaves). Returns a dict of [B, ...] arrays:
+    the judge's per-prompt inputs ([B, ...] leaves), embed_params: the embedder's
+    parameters ('minilm'; None otherwise). Returns a dict of [B, ...] arrays:
     answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims
     (root children at each commit), overflow (tree children that did not fit), widenings
     (children added by widening), shared_updates (sibling value shares)."""
@@ -789,7 +821,7 @@ class Searcher:
                         lambda s: s, st)
       active = ~st.done
       return jax.lax.cond(jnp.any(active),
-                          lambda s: self._simulate(params, tables, s, active),
+                          lambda s: self._simulate(params, tables, s, active, embed_params),
                           lambda s: s, st)
 
     st = jax.lax.while_loop(lambda st: jnp.any(~st.done), body, st)

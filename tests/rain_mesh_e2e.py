@@ -44,7 +44,7 @@ LABEL_A, LABEL_B = 65, 66
 SUFFIXES = ((13, 40, 7, 91, 40), (13, 40, 7, 88, 21, 40, 5))
 CFG = RainConfig(max_T=4, min_T=2, max_new_tokens=8, num_nodes=256, max_depth=4,
                  max_rollout=8, feed_chunk=8, num_candidates=4, sample_top=8,
-                 max_children=8)
+                 max_children=8, similarity='mean_hidden')
 
 
 def make_inputs():

@@ -4,7 +4,7 @@ The judge keeps a per-row KV cache: the judge prompt, extended by each commit, t
 the judged content and two suffix streams side by side. The oracle here forgets all
 of that: for each pass k it runs prefix + committed + content + suffix_k from scratch
 with a causal mask (tests/llama_recompute.py), reads the logits of the two labels at
-the last position and votes like rain-reference.md §4.3: pass 1 votes harmless when
+the last position and votes like docs/algorithm.md §4.3: pass 1 votes harmless when
 logit(A) > logit(B), pass 2 when logit(B) > logit(A); v = votes - 1.
 
 The label logits the judge compares are exposed by recording the last forward pass of

@@ -1,6 +1,6 @@
 """Hand-computed checks of the plain-Python RAIN oracle (tests/oracle/rain_reference.py).
 
-Expected numbers are written out as the arithmetic of shared/docs/rain-reference.md
+Expected numbers are written out as the arithmetic of docs/algorithm.md
 applied by hand, never by calling the oracle's own helpers.
 """
 import math
@@ -306,8 +306,10 @@ def test_path_embeddings_cover_the_node_and_everything_below():
   leaf, = make_children(middle, [dict(tokens=(5, 6))])
   full = (0, 1, 4, 5, 6, 7)  # prompt (0, 1), path tokens 4 | 5 6, rollout 7
   got = ref.path_embeddings(lm, leaf, root, full, rollout_len=1)
-  # leaf: mean of tokens 5, 6, 7; middle: mean of 4, 5, 6, 7; root: nothing.
-  assert got == {id(leaf): pytest.approx([0.0, 6.0]), id(middle): pytest.approx([1.0, 4.5])}
+  # leaf: mean of tokens 5, 6, 7 = (0, 6); middle: mean of 4, 5, 6, 7 = (1, 4.5); both
+  # L2-normalised like 'mean_hidden'; root: nothing.
+  assert got == {id(leaf): pytest.approx([0.0, 1.0]),
+                 id(middle): pytest.approx(np.array([1.0, 4.5]) / math.hypot(1.0, 4.5))}
 
 
 # ---------------------------------------------------------------------------------- commit

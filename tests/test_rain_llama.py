@@ -44,7 +44,7 @@ EOS_ID, TURN_MARKER_ID = 1, 2
 CLAUSE_END_IDS = (3, 4, 5, 6, 7, 8)
 CFG = RainConfig(max_T=4, min_T=2, max_new_tokens=8, num_nodes=256, max_depth=4,
                  max_rollout=8, feed_chunk=8, num_candidates=4, sample_top=8,
-                 max_children=8)
+                 max_children=8, similarity='mean_hidden')
 PROMPTS = ([41, 97, 12, 55, 70, 23, 88, 101], [64, 33, 119, 90, 15], [77, 29, 50])
 SEEDS = (11, 12, 13)
 # Per row: the judge's constant verdict, or None for "harmful token" (the prompt's
@@ -87,7 +87,8 @@ class RecomputedLlama:
   def embed(self, ids, k):
     if not 1 <= k <= len(ids):
       raise ValueError(f'embed: k={k} must be in [1, {len(ids)}]')
-    return [float(x) for x in self._run(ids)[1][-k:].mean(axis=0)]
+    mean = self._run(ids)[1][-k:].mean(axis=0)
+    return [float(x) for x in mean / max(np.linalg.norm(mean), 1e-12)]
 
   def is_clause_end(self, token):
     return token in CLAUSE_END_IDS
@@ -171,7 +172,7 @@ def run_oracle(params, prompt, judge, seed):
       propose_temperature=CFG.propose_temperature,
       sample_attempts_factor=CFG.sample_attempts_factor,
       rollout_stops_at_clause_end=CFG.rollout_stops_at_clause_end,
-      similarity=CFG.similarity, seed=seed)
+      similarity=CFG.similarity != 'none', seed=seed)
   harmful_id, constant = judge
   oracle_judge = (fake_lm.HarmfulTokenJudge(harmful_id) if math.isnan(constant)
                   else fake_lm.ConstantJudge(constant))

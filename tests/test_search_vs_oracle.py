@@ -22,7 +22,7 @@ _SEARCHERS = {}
 def _searcher(lm, prompt_width, **overrides):
   fns, _ = fake_jax.bigram_model(lm)
   settings = dict(max_T=16, min_T=3, max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8,
-                  max_rollout=48)
+                  max_rollout=48, similarity='mean_hidden')
   cfg = RainConfig(**{**settings, **overrides})
   key = (lm.vocab_size, lm.embedding_table.shape[1], prompt_width, cfg, lm.turn_marker_id)
   if key not in _SEARCHERS:

@@ -1,6 +1,6 @@
 """The HH A/B harmfulness judge prompt, scored with full forward passes of a model.
 
-For a conversation c the judge reads two texts (rain-reference.md §4.3)
+For a conversation c the judge reads two texts (docs/algorithm.md §4.3)
   f2 + "\\n\\n" + c + "\\n" + r1        r1: (A) harmless / (B) harmful
   f2 + "\\n\\n" + c + "\\n" + r2        r2: the options swapped
 each tokenised whole, as the original tokenises its judge input, and takes the

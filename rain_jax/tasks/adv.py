@@ -1,7 +1,7 @@
 """AdvBench goals under GCG adversarial suffixes, framed for Vicuna as the reference does.
 
 prompt = f1 + "USER: " + goal + " " + controls + " ASSISTANT:" (rain_jax/data/prompts/adv
-/f1.txt, rain-reference.md §7); the turn marker is a second "USER:". The suffix file is in
+/f1.txt, docs/algorithm.md §7); the turn marker is a second "USER:". The suffix file is in
 the reference's input format, a JSON list of {"goal": str, "controls": str}; the default
 is the Vicuna individual suffixes (rain_jax/data/gcg/, sources in rain_jax/data/README.md).
 The reference shuffled its file (seed 42) before selecting; examples here keep file order.

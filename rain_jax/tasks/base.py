@@ -48,7 +48,7 @@ class Task(abc.ABC):
     return example.prompt
 
   def judge_prefix(self, example: Example) -> str:
-    """f2 + "\n\n" + conversation start (rain-reference.md §4.3)."""
+    """f2 + "\n\n" + conversation start (docs/algorithm.md §4.3)."""
     return self.read_judge_prompt('f2.txt') + '\n\n' + self.conversation_start(example)
 
   def judge_suffixes(self) -> tuple:

@@ -1,7 +1,7 @@
 """Anthropic HH, harmless-base test split, framed as the RAIN reference frames it.
 
 prompt = f1 + "\\n" + question, where question is the transcript's first human turn cut
-right after "Assistant:" with "\\n\\n" replaced by "\\n" (rain-reference.md §7). The
+right after "Assistant:" with "\\n\\n" replaced by "\\n" (docs/algorithm.md §7). The
 reference read HH red-team-attempts, which cannot be had here; harmless-base test is the
 nearest substitute (rain_jax/data/README.md).
 """

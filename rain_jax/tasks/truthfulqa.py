@@ -1,6 +1,6 @@
 """TruthfulQA questions, framed for LLaMA-2-chat as the reference does.
 
-prompt = "[INST] " + question + " [/INST] " (rain-reference.md §7); the turn marker is a
+prompt = "[INST] " + question + " [/INST] " (docs/algorithm.md §7); the turn marker is a
 second "[INST]". The questions come from the original 817-question TruthfulQA.csv
 (rain_jax/data/truthfulqa/, sources in rain_jax/data/README.md) in file order; the
 reference shuffled them (seed 42) before selecting.

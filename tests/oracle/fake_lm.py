@@ -47,11 +47,12 @@ class BigramLM:
     return [float(x) for x in self.logits_table[ids[-1]]]
 
   def embed(self, ids, k):
-    """Mean [E] of the vectors of the last k tokens of ids (computed in float64)."""
+    """Mean [E] of the vectors of the last k tokens of ids, L2-normalised (float64),
+    like the engine's 'mean_hidden' embedding."""
     if not 1 <= k <= len(ids):
       raise ValueError(f"embed: k={k} must be in [1, {len(ids)}]")
-    vectors = self.embedding_table[list(ids[-k:])].astype(np.float64)
-    return [float(x) for x in vectors.mean(axis=0)]
+    mean = self.embedding_table[list(ids[-k:])].astype(np.float64).mean(axis=0)
+    return [float(x) for x in mean / max(np.linalg.norm(mean), 1e-12)]
 
   def is_clause_end(self, token):
     return bool(self.clause_end[token])

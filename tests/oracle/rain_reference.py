@@ -1,6 +1,6 @@
 """Plain-Python oracle of RAIN as the original implementation runs it.
 
-Written from shared/docs/rain-reference.md alone, step for step, so that the JAX engine
+Written from docs/algorithm.md alone, step for step, so that the JAX engine
 can be tested against it. Section numbers (§) refer to that document. Where it leaves a
 choice open, docs/engine.md decides (noise counters §3, candidate and child ordering),
 and a comment says so.
