@@ -485,5 +485,6 @@ def test_cli_runs_the_task_with_both_methods(tiny_llama_dir, tmp_path, task, exp
     assert 1 <= by_key[ex.id, 'rain']['num_new_tokens'] <= 6 + 9
     search = by_key[ex.id, 'rain']['search']
     assert search['simulations'] >= 2 and search['judge_calls'] == search['simulations']
+    assert search['widenings'] >= 0 and search['shared_updates'] >= 0
     rain_config = by_key[ex.id, 'rain']['rain_config']
     assert {k: rain_config[k] for k in expected} == expected
