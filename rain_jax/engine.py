@@ -10,9 +10,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
+from models import registry
 from models.tokenizer import encode_continuation, encode_stop_sequences
-from rain_jax import generate, noise, sharding
+from rain_jax import generate, noise, sharding, similarity
 
 LENGTH_BUCKET = 64
 
@@ -174,6 +176,18 @@ def judge_suffix_ids(tok, task) -> tuple:
   return tuple(tuple(encode_continuation(tok, s)) for s in task.judge_suffixes())
 
 
+def load_embedder(similarity_kind, policy_tokenizer, mesh=None):
+  """(embedder, encoder params) for `RainConfig.similarity`: all-MiniLM-L6-v2 (fetched
+  by the registry, replicated over the mesh) for 'minilm'; (None, None) otherwise."""
+  if similarity_kind != 'minilm':
+    return None, None
+  embedder, encoder = similarity.MiniLMEmbedder.load(policy_tokenizer,
+                                                     registry.minilm_files())
+  if mesh is not None:
+    encoder = jax.device_put(encoder, NamedSharding(mesh, PartitionSpec()))
+  return embedder, encoder
+
+
 class RainRunner:
   """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
 
@@ -205,6 +219,7 @@ class RainRunner:
     if task.judge_kind not in ('ab', 'yes_no'):
       raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.fns = llama_model_fns(model.config, mesh)
+    self.embedder, self.encoder = load_embedder(rain_config.similarity, tok, mesh)
     self._searchers = {}
 
   def encode(self, examples):
@@ -236,7 +251,8 @@ class RainRunner:
       chunk = self.cfg.feed_chunk
       content_cap = -(-(layout.path_cap + self.cfg.max_rollout) // chunk) * chunk
       judge = self._judge(judge_width, layout.answer_cap, content_cap)
-      self._searchers[key] = [search.Searcher(self.fns, judge, self.cfg, prompt_width), None]
+      self._searchers[key] = [search.Searcher(self.fns, judge, self.cfg, prompt_width,
+                                              self.embedder), None]
     return self._searchers[key]
 
   def run_batch(self, batch, batch_size):
@@ -254,7 +270,7 @@ class RainRunner:
     entry = self._searcher(width, judge_width)
     args = (self.model.params, self.tables, jnp.asarray(tokens), jnp.asarray(lengths),
             jnp.asarray(seeds), {'tokens': jnp.asarray(judge_tokens),
-                                 'lens': jnp.asarray(judge_lens)})
+                                 'lens': jnp.asarray(judge_lens)}, self.encoder)
     compile_seconds = 0.0
     if entry[1] is None:
       t0 = time.time()

@@ -64,9 +64,10 @@ flags.DEFINE_float('value_threshold', None, 'Early stop needs the best child q >
 flags.DEFINE_float('c_puct', None, 'PUCT exploration constant (reference 2).')
 flags.DEFINE_integer('num_candidates', None, 'Candidates per expansion (k, reference 10).')
 flags.DEFINE_integer('max_children', None, 'Children per node at most (reference 20).')
-flags.DEFINE_enum('similarity', 'mean_hidden', ['minilm', 'mean_hidden', 'none'],
-                  'Similarity sharing: mean of the policy\'s final hidden states over the '
-                  'judged text, or off.')
+flags.DEFINE_enum('similarity', 'minilm', ['minilm', 'mean_hidden', 'none'],
+                  'Embedding behind similarity sharing and widening: all-MiniLM-L6-v2 on the '
+                  'decoded text (the reference), the policy\'s mean final hidden state '
+                  '(L2-normalised; not the reference), or none.')
 flags.DEFINE_float('sim_threshold', None, 'Cosine threshold of similarity sharing (0.95).')
 flags.DEFINE_float('sim_weight', None, 'Weight of similarity sharing (0.2).')
 flags.DEFINE_enum('rain_mode', 'reference', ['reference'],

@@ -41,6 +41,7 @@ effects and a fixed output shape, so it is valid under jit, inside `lax.while_lo
 runs the host function there and replicates the result), on CPU, GPU and TPU.
 """
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -184,3 +185,28 @@ def path_embeddings(model: minilm.MiniLM, mapper: WordPieceMapper, gen, gen_len,
   ids, mask = wordpiece_ids(mapper, gen[:, None, :], starts, ends)  # [R, K, W]
   flat = minilm.embed(model, ids.reshape(rows * slots, -1), mask.reshape(rows * slots, -1))
   return flat.reshape(rows, slots, -1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MiniLMEmbedder:
+  """The search's 'minilm' embedder (rain_jax.search.Searcher(embedder=...)).
+
+  Holds the static WordPiece bridge; the encoder itself (a `models.minilm.MiniLM`
+  pytree) is passed to the jitted search as `embed_params`, so its weights are
+  arguments, never constants baked into the program.
+  """
+  mapper: WordPieceMapper
+  dim: int
+
+  @classmethod
+  def load(cls, policy_tokenizer: Tokenizer, directory: str) -> tuple:
+    """(embedder, encoder) from an all-MiniLM-L6-v2 folder (`registry.minilm_files()`)."""
+    encoder = minilm.load_minilm(directory)
+    mapper = WordPieceMapper.from_files(policy_tokenizer,
+                                        os.path.join(directory, "tokenizer.json"),
+                                        minilm.read_max_seq_length(directory))
+    return cls(mapper=mapper, dim=encoder.config.hidden_size), encoder
+
+  def path_embeddings(self, encoder, gen, gen_len, starts):
+    """[R, K, dim]: see `path_embeddings`."""
+    return path_embeddings(encoder, self.mapper, gen, gen_len, starts)
