@@ -22,6 +22,7 @@ Matmuls run at `precision` (default "highest", so TPU/GPU fp32 do not fall back 
 bf16/TF32 passes and results match CPU to ~1e-6).
 """
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -122,9 +123,14 @@ class _SelfAttention(nn.Module):
     """x: [N, W, H] float32; mask: [N, W] bool (keys that may be attended) -> [N, W, H]."""
     cfg = self.config
     heads, head_dim = cfg.num_heads, cfg.hidden_size // cfg.num_heads
-    dense = lambda name: nn.Dense(cfg.hidden_size, name=name, precision=cfg.precision)
-    split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))  # [N, W, heads, D]
-    query, key, value = (split(dense(name)(x)) for name in ("query", "key", "value"))
+
+    def dense(name):
+      return nn.Dense(cfg.hidden_size, name=name, precision=cfg.precision)
+
+    def project(name):  # [N, W, H] -> [N, W, heads, D]
+      return dense(name)(x).reshape(x.shape[:2] + (heads, head_dim))
+
+    query, key, value = project("query"), project("key"), project("value")
     scores = jnp.einsum("nqhd,nkhd->nhqk", query, key, precision=cfg.precision)
     scores = scores / np.sqrt(head_dim).astype(np.float32)
     scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
@@ -141,12 +147,12 @@ class _Layer(nn.Module):
   def __call__(self, x, mask):
     """x: [N, W, H]; mask: [N, W] bool -> [N, W, H]."""
     cfg = self.config
-    norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name)
-    x = norm("attention_norm")(x + _SelfAttention(cfg, name="attention")(x, mask))
+    norm = functools.partial(nn.LayerNorm, epsilon=cfg.layer_norm_eps)
+    x = norm(name="attention_norm")(x + _SelfAttention(cfg, name="attention")(x, mask))
     hidden = nn.Dense(cfg.intermediate_size, name="intermediate", precision=cfg.precision)(x)
     hidden = jax.nn.gelu(hidden, approximate=False)
     hidden = nn.Dense(cfg.hidden_size, name="output", precision=cfg.precision)(hidden)
-    return norm("output_norm")(x + hidden)
+    return norm(name="output_norm")(x + hidden)
 
 
 class BertEncoder(nn.Module):
@@ -164,10 +170,11 @@ class BertEncoder(nn.Module):
     if width > cfg.max_position_embeddings:
       raise ValueError(f"input width {width} exceeds max_position_embeddings "
                        f"{cfg.max_position_embeddings}")
-    embed = lambda rows, name: nn.Embed(rows, cfg.hidden_size, name=name)
-    x = (embed(cfg.vocab_size, "word_embeddings")(ids)
-         + embed(cfg.max_position_embeddings, "position_embeddings")(jnp.arange(width))[None]
-         + embed(cfg.type_vocab_size, "token_type_embeddings")(jnp.zeros_like(ids)))
+    table = functools.partial(nn.Embed, features=cfg.hidden_size)
+    x = (table(cfg.vocab_size, name="word_embeddings")(ids)
+         + table(cfg.max_position_embeddings, name="position_embeddings")(
+             jnp.arange(width))[None]
+         + table(cfg.type_vocab_size, name="token_type_embeddings")(jnp.zeros_like(ids)))
     x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="embeddings_norm")(x)
     for index in range(cfg.num_layers):
       x = _Layer(cfg, name=f"layer_{index}")(x, mask)

@@ -73,6 +73,7 @@ class WordPieceMapper:
   policy_tokenizer: Tokenizer
   wordpiece: tokenizers.Tokenizer
   width: int = DEFAULT_WIDTH
+  _encoder: tokenizers.Tokenizer = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     if not isinstance(self.width, int) or self.width < 2:
@@ -92,6 +93,10 @@ class WordPieceMapper:
                  width: int = DEFAULT_WIDTH) -> "WordPieceMapper":
     """A mapper reading the WordPiece vocabulary from `tokenizer_json` (a path, e.g.
     `os.path.join(models.registry.minilm_files(), "tokenizer.json")`)."""
+    if not os.path.isfile(tokenizer_json):
+      raise FileNotFoundError(
+          f"WordPiece tokenizer.json not found: {tokenizer_json} (the all-MiniLM-L6-v2 "
+          "folder comes from models.registry.minilm_files())")
     return cls(policy_tokenizer, tokenizers.Tokenizer.from_file(tokenizer_json), width)
 
   def span_text(self, token_ids, start: int, end: int) -> str:

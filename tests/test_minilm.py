@@ -288,6 +288,8 @@ def test_mapper_leaves_the_given_tokenizer_alone_and_checks_width(llama_tok):
   assert mask.sum() == 40 and ids[0, 0] == 2 and ids[0, 39] == 3
   with pytest.raises(ValueError, match="width must be an int >= 2"):
     similarity.WordPieceMapper(llama_tok, wordpiece, width=1)
+  with pytest.raises(FileNotFoundError, match="tokenizer.json not found: .*minilm_files"):
+    similarity.WordPieceMapper.from_files(llama_tok, "/nonexistent/tokenizer.json")
   no_specials = tiny_wordpiece()
   no_specials.post_processor = None
   with pytest.raises(ValueError, match="adds no \\[CLS\\]/\\[SEP\\]"):
