@@ -394,7 +394,9 @@ _embed_jit = jax.jit(minilm.embed)
 
 
 def python_path_embeddings(model, mapper, gen, gen_len, starts):
-  """Per text, no jit, no batching: decode, WordPiece (unpadded), embed one row."""
+  """Per text, no batching: decode, WordPiece (written out here), embed one row.
+  (Each row is padded to W so that one compilation serves all; padding invariance
+  is test_padding_does_not_change_an_embedding's subject.)"""
   out = np.zeros(starts.shape + (model.config.hidden_size,), np.float32)
   for r in range(starts.shape[0]):
     for k in range(starts.shape[1]):
@@ -403,9 +405,7 @@ def python_path_embeddings(model, mapper, gen, gen_len, starts):
         text = mapper.policy_tokenizer.decode(gen[r, start:gen_len[r]].tolist(),
                                               skip_special_tokens=True)
         ids, mask = expected_wordpiece(mapper.wordpiece, text, mapper.width)
-        length = int(mask.sum())
-        out[r, k] = np.asarray(_embed_jit(model, ids[None, :length],
-                                          np.ones((1, length), bool)))[0]
+        out[r, k] = np.asarray(_embed_jit(model, ids[None], mask[None]))[0]
   return out
 
 
