@@ -167,6 +167,13 @@ def wordpiece_ids(mapper: WordPieceMapper, token_ids, starts, ends):
                            vmap_method="broadcast_all")
 
 
+# Rows the encoder embeds per pass, and the widths it may run at (a pass uses the
+# narrowest width that holds its longest text; padding is masked, so the embedding of a
+# text does not depend on the width it runs at).
+ENCODER_ROWS = 8
+ENCODER_WIDTHS = (32, 64, 128, 256)
+
+
 def path_embeddings(model: minilm.MiniLM, mapper: WordPieceMapper, gen, gen_len, starts):
   """Embedding of each path node's text, from the node's first token to the rollout end.
 
@@ -182,14 +189,56 @@ def path_embeddings(model: minilm.MiniLM, mapper: WordPieceMapper, gen, gen_len,
     gen[r, starts[r, k]:gen_len[r]]; zeros where starts[r, k] < 0 or
     starts[r, k] >= gen_len[r] (no token), so -1 can mark unused slots. A span whose
     tokens are all special (e.g. only EOS) is the text "" and embeds [CLS][SEP].
-    The encoder runs on R * K rows of width W whatever the number of valid slots.
+
+  Cost: only the texts that exist are encoded, ENCODER_ROWS at a time, each pass at the
+  narrowest of ENCODER_WIDTHS (capped by the mapper's width) that holds its texts; in a
+  search most slots are past the selected path's depth and most texts are short.
   """
   gen = jnp.asarray(gen, jnp.int32)
   rows, slots = starts.shape
   ends = jnp.minimum(jnp.asarray(gen_len, jnp.int32), gen.shape[1])[:, None]  # [R, 1]
   ids, mask = wordpiece_ids(mapper, gen[:, None, :], starts, ends)  # [R, K, W]
-  flat = minilm.embed(model, ids.reshape(rows * slots, -1), mask.reshape(rows * slots, -1))
-  return flat.reshape(rows, slots, -1)
+  return encode_compacted(model, ids.reshape(rows * slots, -1),
+                          mask.reshape(rows * slots, -1)).reshape(rows, slots, -1)
+
+
+def encode_compacted(model: minilm.MiniLM, ids, mask):
+  """`minilm.embed` of the rows that hold a text; zeros for all-padding rows.
+
+  ids [N, W] int32, mask [N, W] bool -> [N, H] float32. Rows with a text are moved to
+  the front and embedded ENCODER_ROWS at a time in a `lax.while_loop`; each pass runs at
+  the narrowest allowed width that covers its longest text (`lax.switch`).
+  """
+  n, width = ids.shape
+  widths = tuple(w for w in ENCODER_WIDTHS if w < width) + (width,)
+  has_text = jnp.any(mask, axis=1)
+  order = jnp.argsort(~has_text, stable=True)                # rows with text first
+  count = jnp.sum(has_text)
+  padded = -(-n // ENCODER_ROWS) * ENCODER_ROWS
+  ids_sorted = jnp.zeros((padded, width), jnp.int32).at[:n].set(ids[order])
+  mask_sorted = jnp.zeros((padded, width), bool).at[:n].set(mask[order])
+  lengths = jnp.sum(mask_sorted, axis=1)
+  hidden = model.config.hidden_size
+
+  def at_width(w):
+    return lambda chunk_ids, chunk_mask: minilm.embed(model, chunk_ids[:, :w],
+                                                      chunk_mask[:, :w])
+
+  branches = [at_width(w) for w in widths]
+
+  def body(carry):
+    start, out = carry
+    chunk_ids = jax.lax.dynamic_slice_in_dim(ids_sorted, start, ENCODER_ROWS)
+    chunk_mask = jax.lax.dynamic_slice_in_dim(mask_sorted, start, ENCODER_ROWS)
+    longest = jnp.max(jax.lax.dynamic_slice_in_dim(lengths, start, ENCODER_ROWS))
+    branch = jnp.sum(longest > jnp.asarray(widths[:-1]))
+    emb = jax.lax.switch(branch, branches, chunk_ids, chunk_mask)
+    return start + ENCODER_ROWS, jax.lax.dynamic_update_slice_in_dim(out, emb, start, 0)
+
+  _, out = jax.lax.while_loop(lambda carry: carry[0] < count, body,
+                              (jnp.int32(0), jnp.zeros((padded, hidden), jnp.float32)))
+  out = jnp.where(jnp.arange(padded)[:, None] < count, out, 0.0)
+  return jnp.zeros((n, hidden), jnp.float32).at[order].set(out[:n])
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -587,3 +587,28 @@ def test_real_wordpiece_smollm2_spans(minilm_dir, st_tokenizer, smollm2_gguf_pat
             for s in range(0, len(sequences[w]), 3)]
   check_real_spans(mapper, st_tokenizer, sequences, spans,
                    lambda ids: oracle.decode(ids, skip_special_tokens=True))
+
+
+def test_compacted_encoding_equals_full_width_embedding():
+  """`similarity.encode_compacted` (texts first, 8 rows a pass, the narrowest width that
+  holds a pass) gives each row the embedding `minilm.embed` gives it at full width, and
+  zeros to rows without text. Lengths cross every width bucket (32/64/128/256)."""
+  config = minilm.MiniLMConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                               intermediate_size=24, max_position_embeddings=256,
+                               type_vocab_size=2, layer_norm_eps=1e-12)
+  width = 256
+  params = minilm.BertEncoder(config).init(jax.random.PRNGKey(0),
+                                           jnp.zeros((1, width), jnp.int32),
+                                           jnp.ones((1, width), bool))
+  model = minilm.MiniLM(config=config, params=params)
+  rng = np.random.default_rng(0)
+  lengths = [0, 3, 31, 33, 0, 64, 65, 2, 129, 256, 0, 17, 100, 5, 0, 0, 250, 40, 1, 0, 0]
+  ids = np.zeros((len(lengths), width), np.int32)
+  mask = np.zeros((len(lengths), width), bool)
+  for row, length in enumerate(lengths):
+    ids[row, :length] = rng.integers(1, 50, length)
+    mask[row, :length] = True
+  got = jax.jit(similarity.encode_compacted)(model, jnp.asarray(ids), jnp.asarray(mask))
+  want = _embed_jit(model, jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+  assert np.all(np.asarray(got)[np.array(lengths) == 0] == 0.0)
