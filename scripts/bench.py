@@ -23,8 +23,11 @@ generating new_tokens tokens takes one prefill and new_tokens - 1 one-token pass
 
 `--model` (a registry name) loads real weights; `--preset` builds random weights at a
 preset's shapes (no download). On a GPU backend HF runs on cuda and the report adds, at
-batch 1, the fraction of the memory-bandwidth floor reached: bytes of weights read per
-decode step / measured step time / `--peak_bandwidth_gbs`.
+batch 1 (at every batch size, and on any backend, when `--peak_bandwidth_gbs` is given),
+the fraction of the memory-bandwidth floor reached: bytes of weights read per decode
+step / measured step time / `--peak_bandwidth_gbs`. Each finished batch row is also
+logged to stderr as one `row {json}` line (scripts/device_check.sh recovers the rows of a
+run cut short from them).
 """
 import argparse
 import contextlib
@@ -85,6 +88,26 @@ def parse_batch_sizes(text):
   return sizes
 
 
+def parse_overrides(text):
+  """'vocab_size=32000,max_seq_len=2048' -> {'vocab_size': 32000, 'max_seq_len': 2048}."""
+  overrides = {}
+  for part in text.split(','):
+    if not part.strip():
+      continue
+    key, sep, value = part.partition('=')
+    if not sep or not key.strip():
+      raise argparse.ArgumentTypeError(f'expected key=value pairs, got {text!r}')
+    for convert in (int, float):
+      try:
+        overrides[key.strip()] = convert(value)
+        break
+      except ValueError:
+        pass
+    else:
+      overrides[key.strip()] = value.strip()
+  return overrides
+
+
 def build_parser():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--suite', choices=SUITES, required=True)
@@ -92,6 +115,10 @@ def build_parser():
                       help='registry name with weights (default smollm2-135m-instruct)')
   parser.add_argument('--preset', default=None,
                       help='preset name: random weights at its shapes (excludes --model)')
+  parser.add_argument('--preset_override', type=parse_overrides, default={},
+                      help='with --preset: config fields to change, e.g. '
+                           'vocab_size=32000,max_seq_len=2048 (tiny shapes that hold the '
+                           'LLaMA tokenizer and HH prompts, for the rain suite)')
   parser.add_argument('--dtype', choices=DTYPES, default='float32',
                       help='parameter and compute dtype, both frameworks')
   parser.add_argument('--prompt_len', type=int, default=256)
@@ -102,14 +129,24 @@ def build_parser():
   parser.add_argument('--scan_layers', type=parse_bool, default=None,
                       help='scan over stacked layers (default: true on CPU, false on GPU)')
   parser.add_argument('--skip_hf', action='store_true', help='time rain_jax only')
-  parser.add_argument('--peak_bandwidth_gbs', type=float, default=3000.0,
-                      help='device memory bandwidth in GB/s for the floor (GPU only)')
+  parser.add_argument('--peak_bandwidth_gbs', type=float, default=None,
+                      help='device memory bandwidth in GB/s for the floor; reported on '
+                           'any backend when given, on GPU with 3000 when not')
   parser.add_argument('--rain_max_T', type=int, default=15,
                       help='rain: simulations per committed set (early stop disabled)')
   parser.add_argument('--rain_new_tokens', type=int, default=7,
                       help='rain: new tokens per answer (7 = token sets of 1, 2 and 4)')
   parser.add_argument('--rain_max_rollout', type=int, default=16,
                       help='rain: rollout length cap')
+  parser.add_argument('--rain_parallel_leaves', type=int, default=1,
+                      help='rain: leaves expanded per search step (1 = reference)')
+  parser.add_argument('--rain_vanilla', type=parse_bool, default=True,
+                      help='rain: time vanilla decoding too')
+  parser.add_argument('--rain_count_calls', type=parse_bool, default=True,
+                      help='rain: a second, counting run for forward passes per simulation')
+  parser.add_argument('--rain_runs', type=int, choices=(1, 2), default=2,
+                      help='rain: 2 = time a second call; 1 = time the first call\'s '
+                           'execution (compile timed apart)')
   return parser
 
 
@@ -125,7 +162,7 @@ def run_rain(args):
   machine = machine_info(None)
   if args.preset:
     config = presets.get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype,
-                                scan_layers=scan_layers)
+                                scan_layers=scan_layers, **args.preset_override)
     params = jax.jit(llama.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     model = loading.LoadedModel(name=args.preset, config=config, params=params,
                                 tokenizer=tokenizer.load_tokenizer(registry.LLAMA_TOKENIZER),
@@ -135,6 +172,7 @@ def run_rain(args):
     name = args.model or registry.DEFAULT_MODEL
     model = loading.load_model(model=name, dtype=args.dtype, scan_layers=scan_layers)
     weights = f'registry {name}'
+  check_rain_settings(args)
   report = bench_rain.run_rain_suite(args, model, sharding.make_mesh('1,1,1',
                                                                      jax.devices()[:1]), log)
   machine['load_average_at_end'] = list(os.getloadavg())
@@ -142,6 +180,12 @@ def run_rain(args):
           'model': {'name': model.name, 'weights': weights,
                     'num_params': model.config.num_params, 'dtype': args.dtype,
                     'scan_layers': scan_layers}, **report}
+
+
+def check_rain_settings(args):
+  """Raises ValueError naming the first bad rain flag value."""
+  if args.rain_parallel_leaves < 1:
+    raise ValueError(f'--rain_parallel_leaves must be >= 1, got {args.rain_parallel_leaves}')
 
 
 def check_settings(args):
@@ -155,7 +199,7 @@ def check_settings(args):
                      f'step), got {args.new_tokens}')
   if args.repeats < 1:
     raise ValueError(f'--repeats must be >= 1, got {args.repeats}')
-  if args.peak_bandwidth_gbs <= 0:
+  if args.peak_bandwidth_gbs is not None and args.peak_bandwidth_gbs <= 0:
     raise ValueError(f'--peak_bandwidth_gbs must be > 0, got {args.peak_bandwidth_gbs}')
 
 
@@ -229,7 +273,7 @@ def load_rain_jax(args, scan_layers):
   """
   if args.preset:
     config = presets.get_preset(args.preset, dtype=args.dtype, param_dtype=args.dtype,
-                                scan_layers=scan_layers)
+                                scan_layers=scan_layers, **args.preset_override)
     check_context(args, config.max_seq_len)
     init = jax.jit(llama.init_params, static_argnums=0)
     params = init(config, jax.random.PRNGKey(0))
@@ -459,8 +503,13 @@ def run_decode_suite(args):
   hf_model = None
   if hf_device is not None:
     log(f'copying the weights into transformers LlamaForCausalLM on {hf_device}')
-    hf_model = build_hf_model(config, params, hf_device)
-    machine['hf_attn_implementation'] = hf_model.config._attn_implementation  # pylint: disable=protected-access
+    try:
+      hf_model = build_hf_model(config, params, hf_device)
+      machine['hf_attn_implementation'] = hf_model.config._attn_implementation  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except
+      # rain_jax's numbers still stand; the report says why HF's are missing.
+      machine['hf_error'] = f'{type(e).__name__}: {e}'
+      log(f'transformers model not built, timing rain_jax only: {machine["hf_error"]}')
 
   results = []
   for batch_size in args.batch_sizes:
@@ -471,23 +520,32 @@ def run_decode_suite(args):
                                            args.repeats)
     if hf_model is not None:
       log(f'batch {batch_size}: transformers')
-      row['hf'], theirs = bench_hf(hf_model, prompts, args.new_tokens, args.repeats)
-      row['ratio_rain_jax_over_hf'] = {
-          key: ratio(row['rain_jax'][key], row['hf'][key])
-          for key in ('prefill_tokens_per_s', 'decode_tokens_per_s')}
-      row['same_greedy_prefix'] = same_greedy_prefix(ours, theirs)
-    if on_gpu and batch_size == 1:
+      try:
+        row['hf'], theirs = bench_hf(hf_model, prompts, args.new_tokens, args.repeats)
+      except Exception as e:  # pylint: disable=broad-except
+        row['hf_error'] = f'{type(e).__name__}: {e}'
+        log(f'batch {batch_size}: transformers failed: {row["hf_error"]}')
+      else:
+        row['ratio_rain_jax_over_hf'] = {
+            key: ratio(row['rain_jax'][key], row['hf'][key])
+            for key in ('prefill_tokens_per_s', 'decode_tokens_per_s')}
+        row['same_greedy_prefix'] = same_greedy_prefix(ours, theirs)
+    peak_gbs = args.peak_bandwidth_gbs
+    if peak_gbs is None and on_gpu and batch_size == 1:
+      peak_gbs = 3000.0
+    if peak_gbs is not None:
       weight_bytes = weight_bytes_per_decode_step(config)
       row['bandwidth'] = {'weight_bytes_per_step': weight_bytes,
-                          'peak_bandwidth_gbs': args.peak_bandwidth_gbs}
+                          'peak_bandwidth_gbs': peak_gbs}
       for side in ('rain_jax', 'hf'):
         if side in row and row[side]['decode_ms_per_step'] is not None:
           row['bandwidth'][side] = bandwidth_floor(
-              weight_bytes, row[side]['decode_ms_per_step'], args.peak_bandwidth_gbs)
+              weight_bytes, row[side]['decode_ms_per_step'], peak_gbs)
     results.append(row)
     log(f'batch {batch_size}: ' + json.dumps({
         side: {k: row[side][k] for k in ('prefill_tokens_per_s', 'decode_tokens_per_s')}
         for side in ('rain_jax', 'hf') if side in row}))
+    log('row ' + json.dumps(row))
 
   machine['load_average_at_end'] = list(os.getloadavg())
   return {
