@@ -163,3 +163,25 @@ def test_flag_parsing():
       _args(f'--batch_sizes={bad}')
   with pytest.raises(SystemExit):
     _args('--scan_layers=maybe')
+
+
+def test_device_check_flags():
+  assert bench.parse_overrides('vocab_size=32000,rope_theta=1e4,,dtype=float32') == {
+      'vocab_size': 32000, 'rope_theta': 1e4, 'dtype': 'float32'}
+  for bad in ('vocab_size', '=3'):
+    with pytest.raises(Exception):
+      bench.parse_overrides(bad)
+  args = bench.build_parser().parse_args(
+      ['--suite=rain', '--rain_parallel_leaves=4', '--rain_vanilla=false',
+       '--rain_count_calls=false', '--rain_runs=1', '--preset_override=vocab_size=512'])
+  assert (args.rain_parallel_leaves, args.rain_vanilla, args.rain_count_calls,
+          args.rain_runs, args.preset_override) == (4, False, False, 1, {'vocab_size': 512})
+  defaults = bench.build_parser().parse_args(['--suite=rain'])
+  assert (defaults.rain_parallel_leaves, defaults.rain_vanilla, defaults.rain_count_calls,
+          defaults.rain_runs, defaults.peak_bandwidth_gbs) == (1, True, True, 2, None)
+  args.rain_parallel_leaves = 0
+  with pytest.raises(ValueError, match='--rain_parallel_leaves must be >= 1'):
+    bench.check_rain_settings(args)
+  config = bench.load_rain_jax(_args('--preset=tiny-gqa', '--preset_override=vocab_size=300',
+                                     '--prompt_len=4', '--new_tokens=2'), True)[2]
+  assert config.vocab_size == 300
