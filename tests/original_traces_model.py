@@ -19,8 +19,11 @@ same sequence. How:
   punctuation mark"; the punctuation rows of the LM head read it with a large negative
   weight;
 * the judge labels "A" (29909), "B" (29933), "▁Yes" (3869), "Yes" (8241), "▁No" (1939),
-  "No" (3782) get random rows like the words (but -B on dim 0), so their comparison
-  varies with the text.
+  "No" (3782) get random rows like the words (but -B on dim 0); "B" and the two "No"
+  rows get a small extra weight on dim 0 (B_LABEL_SHIFT, NO_LABEL_SHIFT) that centres
+  the judges' comparisons on this model, and the attention is sharp (QK_STD), so
+  verdicts vary with the judged text (adv and truthfulqa; the HH judge prompt is long
+  enough that its verdicts stay 0 on this model).
 """
 import json
 import os
@@ -42,7 +45,11 @@ B_ALLOWED = 4.0
 PUNCT_EXTRA = 0.75
 PUNCT_AFTER_PUNCT = -6.0
 WORD_STD = 0.25
-QK_STD = 1.0
+QK_STD = 3.0
+# Shifts (on the constant dim 0) that centre the judges' label comparisons on this model,
+# so that verdicts vary with the judged text.
+B_LABEL_SHIFT = 0.63 / 7.85
+NO_LABEL_SHIFT = 0.85 / 7.85
 
 
 def config_dict():
@@ -117,6 +124,8 @@ def make_arrays(tokenizer_model, seed=MODEL_SEED):
   head[words, 0] = B_ALLOWED
   head[list(PUNCT_IDS), 0] = B_ALLOWED + PUNCT_EXTRA
   head[list(PUNCT_IDS), 1] = PUNCT_AFTER_PUNCT
+  head[29933, 0] += B_LABEL_SHIFT
+  head[[1939, 3782], 0] += NO_LABEL_SHIFT
   a['lm_head.weight'] = head
   return a
 
