@@ -526,16 +526,18 @@ def next_token_id(tok: Tokenizer, context: str, continuation: str) -> int:
     ValueError: when appending `continuation` changes the tokens of `context` or adds
       other than exactly one token spelling `continuation`.
   """
-  base = tok.encode(context)
-  full = tok.encode(context + continuation)
-  if len(full) != len(base) + 1 or full[:len(base)] != base:
-    raise ValueError(
-        f"{continuation!r} after {context!r} is not a single token of its own: "
-        f"{base} -> {full}")
-  if tok.token_text(full[-1]) != continuation:
-    raise ValueError(f"{continuation!r} after {context!r} became token {full[-1]} "
-                     f"reading {tok.token_text(full[-1])!r}")
-  return full[-1]
+  try:
+    ids = encode_continuation(tok, continuation, context)
+  except ValueError as e:
+    raise ValueError(f"{continuation!r} after {context!r} is not a single token of its "
+                     f"own: {e}") from None
+  if len(ids) != 1:
+    raise ValueError(f"{continuation!r} after {context!r} is not a single token of its "
+                     f"own: {ids}")
+  if tok.token_text(ids[0]) != continuation:
+    raise ValueError(f"{continuation!r} after {context!r} became token {ids[0]} "
+                     f"reading {tok.token_text(ids[0])!r}")
+  return ids[0]
 
 
 def encode_continuation(tok: Tokenizer, text: str, context: str = "Hello.") -> list[int]:

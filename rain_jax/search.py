@@ -145,22 +145,25 @@ def slot_range_mask(num_slots, start, length):
   return (s >= start) & (s < start + length[:, None])
 
 
-def window_matches(gen, end, stop_sequences):
-  """[B] bool: gen[b, :end[b]+1] ends with one of the stop sequences (end may be -1)."""
+def stop_sequence_matches(gen, end, stop_sequences):
+  """[B, M] bool: gen[b, :end[b]+1] ends with stop sequence m (end may be -1; an
+  all-padding sequence never matches). stop_sequences [M, W] right-aligned, -1 padded."""
   width = stop_sequences.shape[1]
   idx = end[:, None] - width + 1 + jnp.arange(width)[None, :]
   window = jnp.where(idx >= 0, jnp.take_along_axis(gen, jnp.clip(idx, 0), axis=1), -2)
   real = stop_sequences >= 0
   match = jnp.all(~real[None] | (window[:, None, :] == stop_sequences[None]), axis=-1)
-  return jnp.any(match & jnp.any(real, axis=-1)[None], axis=-1) & (end >= 0)
+  return match & jnp.any(real, axis=-1)[None] & (end >= 0)[:, None]
+
+
+def window_matches(gen, end, stop_sequences):
+  """[B] bool: gen[b, :end[b]+1] ends with one of the stop sequences (end may be -1)."""
+  return jnp.any(stop_sequence_matches(gen, end, stop_sequences), axis=-1)
 
 
 def contains_stop_sequence(gen, length, stop_sequences):
   """[B] bool: a stop sequence ends somewhere in gen[b, :length[b]]."""
-  positions = jnp.arange(gen.shape[1])
-  hits = jax.vmap(lambda e: window_matches(gen, jnp.full(gen.shape[:1], e), stop_sequences),
-                  out_axes=1)(positions)
-  return jnp.any(hits & (positions[None, :] < length[:, None]), axis=1)
+  return text_before_stop_sequence(gen, length, stop_sequences) < length
 
 
 def text_before_stop_sequence(gen, length, stop_sequences):
@@ -171,19 +174,15 @@ def text_before_stop_sequence(gen, length, stop_sequences):
   sequence (length[b] when none matches). gen [B, G] int32, length [B],
   stop_sequences [M, W] right-aligned, -1 padded.
   """
-  width = stop_sequences.shape[1]
   seq_len = jnp.sum(stop_sequences >= 0, axis=1)                            # [M]
-  ends = jnp.arange(gen.shape[1])
 
-  def starts_at_end(e):
-    idx = e - width + 1 + jnp.arange(width)
-    window = jnp.where(idx >= 0, gen[:, jnp.clip(idx, 0)], -2)               # [B, W]
-    real = stop_sequences >= 0
-    match = jnp.all(~real[None] | (window[:, None, :] == stop_sequences[None]), axis=-1)
-    match = match & (seq_len > 0)[None] & (e < length)[:, None]              # [B, M]
+  def start_of_match_ending_at(e):
+    end = jnp.full(gen.shape[:1], e)
+    match = stop_sequence_matches(gen, end, stop_sequences) & (e < length)[:, None]
     return jnp.min(jnp.where(match, e - seq_len[None] + 1, gen.shape[1]), axis=1)
 
-  first = jnp.min(jax.vmap(starts_at_end, out_axes=1)(ends), axis=1)
+  first = jnp.min(jax.vmap(start_of_match_ending_at, out_axes=1)(jnp.arange(gen.shape[1])),
+                  axis=1)
   return jnp.minimum(length, first).astype(jnp.int32)
 
 
@@ -344,8 +343,9 @@ class Searcher:
   @property
   def embed_dim(self):
     """E: the width of the node embeddings (1 when similarity is off)."""
-    return {'minilm': lambda: self.embedder.dim, 'mean_hidden': lambda: self.model.hidden_size,
-            'none': lambda: 1}[self.cfg.similarity]()
+    if self.cfg.similarity == 'minilm':
+      return self.embedder.dim
+    return self.model.hidden_size if self.cfg.similarity == 'mean_hidden' else 1
 
   def _rep(self, x):
     """Tree-level [B, ...] -> row-level [B * P, ...] (each tree's value on its P rows)."""
@@ -618,8 +618,7 @@ class Searcher:
     As the original: before each sample the rollout stops when the text is longer than
     maxlen, holds a new turn marker (unless the task ignores markers), ends a clause
     (unless truth), or holds EOS: any EOS for truth, only a sampled one for HH and adv.
-    Returns (cache, gen, gen_len, rollout_len [R], rollout hidden sum [R, H],
-    truncated [R])."""
+    Returns (cache, gen, gen_len [R], rollout hidden sum [R, H], truncated [R])."""
     cfg, layout = self.cfg, self.layout
     batch = active.shape[0]
     context = self._context_after_path(view, path_len)
@@ -664,12 +663,12 @@ class Searcher:
       rolling = still & (r < cfg.max_rollout)
       return cache, logits, gen, gen_len, r, rolling, eos_seen, marker_seen, hsum, trunc
 
-    cache, _, gen, gen_len, r, _, _, _, hsum, trunc = jax.lax.while_loop(
+    cache, _, gen, gen_len, _, _, _, _, hsum, trunc = jax.lax.while_loop(
         lambda state: jnp.any(state[5]), body, state)
-    return cache, gen, gen_len, r, hsum, trunc
+    return cache, gen, gen_len, hsum, trunc
 
   def _node_embeddings(self, embed_params, gen, full_len, answer_len, offsets, path_len,
-                       path_hidden, rollout_hidden, rollout_len):
+                       path_hidden, rollout_hidden):
     """[R, D+1, E]: the embedding each path node receives in backup (§6): of the text
     from the node's first token to the end of the rollout. offsets [R, D+1]: where each
     path node's tokens start within the path; path_hidden [R, P_cap, H] and
@@ -722,7 +721,7 @@ class Searcher:
                 | (marker_seen & cfg.search_stops_at_turn_marker))
     depth_limited = active & (tree.num_children[tree_idx, leaf] > 0)
     # Self-evaluation.
-    cache, gen, full_len, rollout_len, rollout_hidden, truncated = self._rollout(
+    cache, gen, full_len, rollout_hidden, truncated = self._rollout(
         params, tables, view, cache, leaf_logits, gen, gen_len, path_len, active, eos_seen,
         marker_seen)
     value, judge_state = self.judge.evaluate(params, st.judge, gen, st.answer_len, full_len,
@@ -753,7 +752,7 @@ class Searcher:
                   jnp.where(use_one, one[1], m_len), jnp.where(use_one, one[2], m_w),
                   jnp.where(use_one, one[3], m_valid))
     embeds = self._node_embeddings(embed_params, gen, full_len, st.answer_len, offsets,
-                                   path_len, path_hidden, rollout_hidden, rollout_len)
+                                   path_len, path_hidden, rollout_hidden)
     return cache, judge_state, dict(
         value=value, expand=expand_rows, candidates=candidates, top_ids=top_ids,
         top_vals=top_vals, embeds=embeds, truncated=truncated, depth_limited=depth_limited)
