@@ -49,7 +49,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from models import llama, presets, registry  # pylint: disable=wrong-import-position
-from rain_jax import generate, kvcache, loading  # pylint: disable=wrong-import-position
+from rain_jax import extras, generate, kvcache, loading  # pylint: disable=wrong-import-position
 
 SUITES = ('decode', 'rain')
 DTYPES = ('float32', 'bfloat16')
@@ -378,8 +378,8 @@ def hf_state_dict(config: llama.LlamaConfig, params):
 
 def build_hf_model(config: llama.LlamaConfig, params, device):
   """An eval-mode LlamaForCausalLM on `device` in config.dtype holding a copy of params."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
+  torch = extras.require('torch', 'hf')
+  transformers = extras.require('transformers', 'hf')
   with torch.device(device):
     model = transformers.LlamaForCausalLM._from_config(  # pylint: disable=protected-access
         hf_config(config), dtype=getattr(torch, config.dtype))
@@ -479,7 +479,7 @@ def machine_info(hf_device):
 def setup_hf(on_gpu):
   """Chooses and configures HF's device: cuda on a GPU backend, else CPU with one torch
   thread per core."""
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = extras.require('torch', 'hf')
   torch.set_num_threads(os.cpu_count())
   if not on_gpu:
     return 'cpu'

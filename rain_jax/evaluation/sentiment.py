@@ -4,13 +4,15 @@ The `vaderSentiment` package ships its lexicon, so this runs offline.
 """
 import functools
 
+from rain_jax import extras
+
 TARGETS = ('positive', 'negative')
 
 
 @functools.lru_cache(maxsize=1)
 def _analyzer():
-  from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-  return SentimentIntensityAnalyzer()
+  vader = extras.require('vaderSentiment.vaderSentiment', 'eval')
+  return vader.SentimentIntensityAnalyzer()
 
 
 def compound(text: str) -> float:
