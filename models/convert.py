@@ -332,6 +332,12 @@ def read_safetensors_header(path):
 
   Parses the 8-byte little-endian header length and the JSON header itself (no pickle,
   no torch) and checks every tensor's byte range against the file size.
+
+  This reader is ours, not the `safetensors` package's, because that package's numpy
+  backend has no bfloat16 (`safetensors.numpy.load` raises KeyError 'BF16', as of 0.8),
+  the dtype most checkpoints ship in: we parse the header here and view BF16 bytes as
+  `ml_dtypes.bfloat16` (the dtype JAX uses), so the run time needs neither
+  `safetensors` nor torch.
   """
   size = os.path.getsize(path)
   with open(path, "rb") as f:
