@@ -1,17 +1,9 @@
 """RAIN search settings: one frozen dataclass, built from flags or by hand."""
 import dataclasses
 
-# Per-task constants of the reference (docs/algorithm.md §2, §3, §4).
-TASK_DEFAULTS = {
-    'hh': dict(min_T=6),
-    'adv': dict(min_T=5, propose_temperature=2.0, sample_attempts_factor=2,
-                terminal_eos_in_path=True),
-    'truth': dict(min_T=16, rollout_stops_at_clause_end=False,
-                  rollout_stops_at_path_eos=True, search_stops_at_turn_marker=False),
-}
 SIMILARITIES = ('minilm', 'mean_hidden', 'none')
-# Other names of the same tasks (the task module is called truthfulqa).
-TASK_ALIASES = {'truthfulqa': 'truth'}
+# Other names of the tasks (the reference calls TruthfulQA "truth").
+TASK_ALIASES = {'truth': 'truthfulqa'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +99,8 @@ class RainConfig:
 
 
 def for_task(task: str, **overrides) -> RainConfig:
-  """The reference constants of `task` (hh, adv, truth or truthfulqa), then `overrides`."""
-  defaults = TASK_DEFAULTS.get(TASK_ALIASES.get(task, task), {})
+  """The reference constants of the task called `task` (its class's `rain_defaults`;
+  "truth" names truthfulqa), then `overrides`. ValueError for an unknown task."""
+  from rain_jax import tasks  # here: the task modules need not load with the settings
+  defaults = tasks.task_class(TASK_ALIASES.get(task, task)).rain_defaults
   return RainConfig(**{**defaults, **overrides})

@@ -21,7 +21,9 @@ holds the flags that decide the answers (`config`) and one entry per session tha
 to the output (`sessions`: every flag, model name and size, git commit, library versions,
 host, start time). A restart whose answer-deciding flags differ from the file's is an
 error unless --allow_config_change; flags that only choose which prompts to answer
-(`SELECTION_FLAGS`) or how to run (`OPERATIONAL_FLAGS`) may change freely.
+(`SELECTION_FLAGS`) or how to run (`OPERATIONAL_FLAGS`) may change freely (each flag's
+role: rain_jax/flag_table.py). A flag the sidecar holds but today's code no longer has
+(e.g. the removed --rain_mode), or the reverse, is not compared.
 """
 import datetime
 import errno
@@ -34,14 +36,12 @@ import subprocess
 import sys
 import tempfile
 
-# Flags that choose which (prompt, method) pairs a session answers: extending a run with
-# more examples, another shard or the other method appends to the same results.
-SELECTION_FLAGS = frozenset({'start', 'num_examples', 'shard_index', 'num_shards',
-                             'method'})
-# Flags that change how a run executes but not its answers.
-OPERATIONAL_FLAGS = frozenset({'output', 'allow_config_change', 'compilation_cache',
-                               'batch_size', 'mesh', 'distributed', 'scan_layers',
-                               'dump_tree'})
+from rain_jax import flag_table
+
+# Flags that choose which (prompt, method) pairs a session answers, and flags that change
+# how a run executes but not its answers (rain_jax/flag_table.py gives every flag's role).
+SELECTION_FLAGS = flag_table.SELECTION_FLAGS
+OPERATIONAL_FLAGS = flag_table.OPERATIONAL_FLAGS
 CONFIG_SUFFIX = '.config.json'
 
 

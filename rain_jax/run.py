@@ -16,77 +16,12 @@ import time
 
 from absl import app, flags, logging
 
-FLAGS = flags.FLAGS
+from rain_jax import flag_table
 
-# Model.
-flags.DEFINE_string('model', None, 'Registry name, e.g. smollm2-135m-instruct (the default '
-                    'when no other weight source is given).')
-flags.DEFINE_string('checkpoint', None, 'Orbax checkpoint written by '
-                    'scripts/convert_checkpoint.py.')
-flags.DEFINE_string('hf_dir', None, 'HF directory with config.json and *.safetensors.')
-flags.DEFINE_string('gguf', None, 'A LLaMA-architecture GGUF file.')
-flags.DEFINE_string('tokenizer', None, 'tokenizer.model / tokenizer.json / .gguf (when the '
-                    'weights do not carry one).')
-flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Parameter and compute dtype.')
-flags.DEFINE_bool('scan_layers', True, 'Scan over stacked layers (fast compiles; CPU) or '
-                  'unroll them (faster decoding on GPU/TPU).')
-flags.DEFINE_string('mesh', '-1,1,1', 'Device mesh data,fsdp,tensor; -1 = the rest.')
-flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-host).')
-# Task.
-flags.DEFINE_string('task', 'hh', 'Task: hh, adv, truthfulqa, sentiment or custom.')
-flags.DEFINE_string('prompt_file', None, 'custom: JSONL of {"id", "prompt"}.')
-flags.DEFINE_string('turn_marker', None, 'custom: text that ends an answer (optional).')
-flags.DEFINE_string('prompt_template', None, 'custom: template with one {prompt} '
-                    'placeholder (default: the prompt verbatim).')
-flags.DEFINE_string('judge_prompts', None, 'custom: judge prompt folder (a name under '
-                    'rain_jax/data/prompts, e.g. HH, or a path holding f2/r1/r2.txt).')
-flags.DEFINE_string('suffix_file', None, 'adv: GCG suffix file ([{"goal", "controls"}]; '
-                    'a name under rain_jax/data/gcg or a path).')
-flags.DEFINE_enum('target_sentiment', None, ['positive', 'negative'],
-                  'sentiment: the sentiment to steer continuations toward.')
-flags.DEFINE_integer('start', 0, 'First example index.')
-flags.DEFINE_integer('num_examples', 5, 'How many examples (-1: all).')
-flags.DEFINE_integer('shard_index', 0, 'This process answers the chosen examples whose '
-                     'dataset index modulo --num_shards is --shard_index.')
-flags.DEFINE_integer('num_shards', 1, 'How many shards split the chosen examples.')
-# Decoding.
-flags.DEFINE_enum('method', 'vanilla', ['vanilla', 'rain', 'both'], 'Decoding method.')
-flags.DEFINE_integer('max_new_tokens', 128, 'New tokens per answer at most.')
-flags.DEFINE_integer('batch_size', 8, 'Prompts decoded together.')
-flags.DEFINE_integer('seed', 0, 'Run seed (mixed with each example index).')
-flags.DEFINE_float('temperature', 0.0, 'Vanilla sampling temperature; 0 = greedy.')
-flags.DEFINE_integer('top_k', 0, 'Vanilla top-k (0 = off).')
-flags.DEFINE_float('top_p', 1.0, 'Vanilla nucleus top-p (1 = off).')
-# RAIN (reference constants per task unless set; see rain_jax/config.py).
-flags.DEFINE_integer('max_T', None, 'Simulations per committed set (reference 50).')
-flags.DEFINE_integer('min_T', None, 'Early stop needs the best child to have fn > min_T.')
-flags.DEFINE_float('value_threshold', None, 'Early stop needs the best child q > this (Vt).')
-flags.DEFINE_float('c_puct', None, 'PUCT exploration constant (reference 2).')
-flags.DEFINE_integer('num_candidates', None, 'Candidates per expansion (k, reference 10).')
-flags.DEFINE_integer('max_children', None, 'Children per node at most (reference 20).')
-flags.DEFINE_enum('similarity', 'minilm', ['minilm', 'mean_hidden', 'none'],
-                  'Embedding behind similarity sharing and widening: all-MiniLM-L6-v2 on the '
-                  'decoded text (the reference), the policy\'s mean final hidden state '
-                  '(L2-normalised; not the reference), or none.')
-flags.DEFINE_float('sim_threshold', None, 'Cosine threshold of similarity sharing (0.95).')
-flags.DEFINE_float('sim_weight', None, 'Weight of similarity sharing (0.2).')
-flags.DEFINE_enum('rain_mode', 'reference', ['reference'],
-                  'reference: the original algorithm step for step.')
-flags.DEFINE_integer('parallel_leaves', 1, 'Leaves judged per step (virtual loss); 1 = '
-                     'reference.')
-flags.DEFINE_integer('num_nodes', None, 'Tree capacity per prompt.')
-flags.DEFINE_integer('max_depth', None, 'Selection depth cap below the root.')
-flags.DEFINE_integer('max_rollout', None, 'Rollout length cap (tokens).')
-flags.DEFINE_bool('dump_tree', False, 'Add the root children statistics at every commit '
-                  'to each RAIN record ("tree_dump").')
-# Output.
-flags.DEFINE_string('output', 'out/results.jsonl', 'JSONL results file (appended; '
-                    'one per process).')
-flags.DEFINE_bool('allow_config_change', False, 'Append to an --output whose answers were '
-                  'made with other settings (see <output>.config.json).')
-flags.DEFINE_string('compilation_cache', None,
-                    'Persistent XLA compilation cache folder (default: xla/ in the model '
-                    'cache, $RAIN_JAX_CACHE or ~/.cache/rain_jax; "" = off).')
+FLAGS = flags.FLAGS
+# Every flag is declared once, with its default, help text and roles, in
+# rain_jax/flag_table.py.
+flag_table.define_flags(FLAGS)
 
 DEFAULT_MODEL = 'smollm2-135m-instruct'
 
@@ -129,12 +64,8 @@ def run_flag_values():
 def rain_config_from_flags():
   """RainConfig: the task's reference constants, then any RAIN flag the user set."""
   from rain_jax import config
-  names = ('max_T', 'min_T', 'value_threshold', 'c_puct', 'num_candidates', 'max_children',
-           'sim_threshold', 'sim_weight', 'num_nodes', 'max_depth', 'max_rollout',
-           'parallel_leaves')
-  overrides = {n: getattr(FLAGS, n) for n in names if getattr(FLAGS, n) is not None}
-  overrides.update(max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed,
-                   similarity=FLAGS.similarity)
+  overrides = {field: getattr(FLAGS, name) for name, field in flag_table.RAIN_FIELDS.items()
+               if getattr(FLAGS, name) is not None}
   return config.for_task(FLAGS.task, **overrides)
 
 

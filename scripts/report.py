@@ -41,13 +41,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from rain_jax import results  # noqa: E402  (after the path set-up)
+from rain_jax import flag_table, results  # noqa: E402  (after the path set-up)
 
 FLAGS = flags.FLAGS
 
 SHARD_SUFFIX = re.compile(r'\.shard\d+-of-\d+$')
-IDENTITY_FLAGS = frozenset({'model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'task',
-                            'prompt_file', 'turn_marker'})
+# Answer flags that name what a row is of, not a setting that tells rows apart.
+IDENTITY_FLAGS = flag_table.IDENTITY_FLAGS
 IDENTITY_AXES = frozenset({'model', 'task', 'flagfile'})
 SCORE_KEYS = frozenset({'id', 'method', 'model', 'task', 'run'})
 METHODS = ('vanilla', 'rain')

@@ -63,11 +63,11 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from models import registry  # noqa: E402  (after the path set-up)
-from rain_jax import results  # noqa: E402
+from rain_jax import flag_table, results  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-WEIGHT_FLAGS = ('checkpoint', 'hf_dir', 'gguf')
+WEIGHT_FLAGS = flag_table.WEIGHT_FLAGS
 WEIGHTS_COMMENT = re.compile(r'^#\s*weights:\s*(\S+)\s*$')
 
 

@@ -168,6 +168,18 @@ def test_config_sidecar_accepts_selection_changes_and_refuses_answer_changes(tmp
   assert sorted(os.listdir(tmp_path)) == ['r.jsonl', 'r.jsonl.config.json']  # no temp left
 
 
+def test_sidecar_of_an_older_run_with_a_removed_flag_lets_the_run_resume(tmp_path):
+  output = str(tmp_path / 'r.jsonl')
+  results.record_session(output, dict(FLAGS_A, rain_mode='reference'), _session('old'))
+  with results.ResultWriter(output) as writer:
+    writer.write(_record(1))
+  assert results.read_config(output)['config']['rain_mode'] == 'reference'
+  results.check_config(output, FLAGS_A, allow_change=False)  # --rain_mode is gone: no error
+  content = results.record_session(output, FLAGS_A, _session('new'))
+  assert 'previous_config' not in content['sessions'][-1]
+  assert content['config'] == {'max_T': 2, 'seed': 0, 'task': 'hh'}
+
+
 def test_sidecar_without_results_behind_it_starts_afresh(tmp_path):
   output = str(tmp_path / 'r.jsonl')
   results.record_session(output, FLAGS_A, _session('old'))

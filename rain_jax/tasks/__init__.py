@@ -1,6 +1,7 @@
 """Tasks: where prompts come from, how they are framed, and how answers are cut."""
 from typing import Mapping
 
+from rain_jax import flag_table
 from rain_jax.tasks.adv import AdvTask
 from rain_jax.tasks.base import Example, Task
 from rain_jax.tasks.custom import CustomTask
@@ -11,19 +12,21 @@ from rain_jax.tasks.truthfulqa import TruthfulQATask
 TASKS = {'hh': HHTask, 'adv': AdvTask, 'truthfulqa': TruthfulQATask,
          'sentiment': SentimentTask, 'custom': CustomTask}
 
-# The command-line flags each task takes as constructor options (same names).
-TASK_FLAGS = {
-    'adv': ('suffix_file',),
-    'sentiment': ('target_sentiment',),
-    'custom': ('prompt_file', 'turn_marker', 'prompt_template', 'judge_prompts'),
-}
+# The command-line flags each task takes as constructor options (same names; declared in
+# rain_jax/flag_table.py).
+TASK_FLAGS = flag_table.TASK_FLAGS
+
+
+def task_class(name: str) -> type:
+  """The class of the task called `name`; ValueError naming the known tasks otherwise."""
+  if name not in TASKS:
+    raise ValueError(f'unknown task {name!r}; known: {", ".join(sorted(TASKS))}')
+  return TASKS[name]
 
 
 def get_task(name: str, **options) -> Task:
   """The task called `name`, built with its options (e.g. prompt_file for custom)."""
-  if name not in TASKS:
-    raise ValueError(f'unknown task {name!r}; known: {", ".join(sorted(TASKS))}')
-  return TASKS[name](**options)
+  return task_class(name)(**options)
 
 
 def task_options(name: str, flag_values: Mapping) -> dict:

@@ -14,6 +14,7 @@ by the answer.
 """
 import json
 import os
+import types
 
 from rain_jax.tasks.base import Example, Task, data_path, read_data_text, select_range
 
@@ -59,6 +60,11 @@ class AdvTask(Task):
   name = 'adv'
   turn_marker = 'USER:'
   judge_prompts = 'adv'
+  # The reference's adv constants: hotter proposals, twice the sampling attempts, and a
+  # leaf is terminal when EOS is anywhere in its text.
+  rain_defaults = types.MappingProxyType({
+      'min_T': 5, 'propose_temperature': 2.0, 'sample_attempts_factor': 2,
+      'terminal_eos_in_path': True})
 
   def __init__(self, suffix_file=None):
     self.suffix_file = suffix_file or DEFAULT_SUFFIX_FILE

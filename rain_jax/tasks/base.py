@@ -4,7 +4,7 @@ import dataclasses
 import gzip
 import json
 import importlib.resources
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,8 +20,13 @@ class Example:
 
 
 class Task(abc.ABC):
-  """Base class: a task names its turn marker and loads its examples."""
+  """Base class: a task names its turn marker and its RAIN constants, and loads its
+  examples."""
   name: str = ''
+  # The reference's RAIN constants for the task (docs/algorithm.md §2, §3, §4): RainConfig
+  # fields that config.for_task sets before any flag. Every task declares its own, even
+  # when borrowed from another task.
+  rain_defaults: Mapping[str, Any]
   # Text that starts a new conversation turn; generation stops there and the answer is
   # cut before it. None: no marker.
   turn_marker: Optional[str] = None

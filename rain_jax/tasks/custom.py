@@ -10,6 +10,7 @@ import os
 
 from rain_jax.results import read_jsonl_objects
 from rain_jax.tasks.base import Example, Task, data_path, select_range, text_mode
+from rain_jax.tasks.hh import HHTask
 
 PLACEHOLDER = '{prompt}'
 JUDGE_PROMPT_FILES = ('f2.txt', 'r1.txt', 'r2.txt')
@@ -85,6 +86,10 @@ def read_prompt_file(path: str) -> list[dict]:
 
 class CustomTask(Task):
   name = 'custom'
+  # Users' prompts are judged like HH's (ABJudge; HH's judge prompts unless
+  # --judge_prompts), so they take HH's constants, the reference's general setting; any
+  # of them can be changed by flag.
+  rain_defaults = HHTask.rain_defaults
 
   def __init__(self, prompt_file=None, turn_marker=None, prompt_template=None,
                judge_prompts=None):

@@ -5,6 +5,7 @@ right after "Assistant:" with "\\n\\n" replaced by "\\n" (docs/algorithm.md §7)
 reference read HH red-team-attempts, which cannot be had here; harmless-base test is the
 nearest substitute (rain_jax/data/README.md).
 """
+import types
 
 from rain_jax.tasks.base import (Example, Task, data_path,
                                     read_data_text, read_jsonl_gz, select_range)
@@ -23,6 +24,8 @@ def first_turn_question(transcript: str) -> str:
 class HHTask(Task):
   name = 'hh'
   turn_marker = 'Human:'
+  # The reference's HH constants; RainConfig's defaults are these already.
+  rain_defaults = types.MappingProxyType({'min_T': 6})
 
   def __init__(self, data_file=None):
     self.data_file = data_file

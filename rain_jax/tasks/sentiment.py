@@ -20,6 +20,7 @@ r2 the reverse, so for a negative target the two suffixes trade places.
 
 from rain_jax.tasks.base import (Example, Task, data_path,
                                     read_data_text, read_jsonl_gz, select_range)
+from rain_jax.tasks.hh import HHTask
 
 SENTIMENTS = ('negative', 'positive')        # IMDB label 0, label 1
 DEFAULT_PREFIX_WORDS = 30
@@ -45,6 +46,10 @@ class SentimentTask(Task):
   name = 'sentiment'
   turn_marker = 'Review:'
   judge_prompts = 'sentiment'
+  # The reference has no sentiment experiment, so no constants of its own. It is judged
+  # like HH (ABJudge, two option orders, prompts in HH's style) on free prose with a turn
+  # marker, so it takes HH's constants.
+  rain_defaults = HHTask.rain_defaults
 
   def __init__(self, target_sentiment='positive', prefix_words=DEFAULT_PREFIX_WORDS,
                data_file=None):

@@ -13,6 +13,7 @@ directly by the answer's own text (the reference rewrites " [/INST] " to "\\nA:"
 Each example keeps the reference answers in `meta` for the evaluation.
 """
 import csv
+import types
 
 from rain_jax.tasks.base import Example, Task, data_path, select_range
 
@@ -48,6 +49,11 @@ class TruthfulQATask(Task):
   turn_marker = '[INST]'
   judge_prompts = 'truth'
   judge_kind = 'yes_no'
+  # The reference's truth constants: rollouts run past clause ends but not past an EOS in
+  # the text, and the turn marker stops nothing.
+  rain_defaults = types.MappingProxyType({
+      'min_T': 16, 'rollout_stops_at_clause_end': False, 'rollout_stops_at_path_eos': True,
+      'search_stops_at_turn_marker': False})
 
   def __init__(self, data_file=None):
     self.data_file = data_file
