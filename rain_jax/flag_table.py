@@ -110,7 +110,8 @@ TABLE = (
     Flag('temperature', 'float', 0.0, 'Vanilla sampling temperature; 0 = greedy.'),
     Flag('top_k', 'integer', 0, 'Vanilla top-k (0 = off).'),
     Flag('top_p', 'float', 1.0, 'Vanilla nucleus top-p (1 = off).'),
-    # RAIN (reference constants per task unless set; see rain_jax/config.py).
+    # RAIN (the task's reference constants unless set: its class's rain_defaults,
+    # applied by config.for_task).
     Flag('max_T', 'integer', None, 'Simulations per committed set (reference 50).',
          rain_field='max_T'),
     Flag('min_T', 'integer', None, 'Early stop needs the best child to have fn > min_T.',
