@@ -1,8 +1,11 @@
 """Runners: turn a batch of examples into result records with one compiled call.
 
-`VanillaRunner` decodes greedily or by sampling (rain_jax/generate.py). Prompt lengths are
-bucketed (multiples of 64) and short batches padded to the batch size, so a run compiles
-once per bucket; compile time is measured apart from run time.
+`VanillaRunner` decodes greedily or by sampling (rain_jax/generate.py); `RainRunner`
+answers with the RAIN search (rain_jax/search.py), building the task's judge
+(rain_jax/judge.py) and the cache layouts (rain_jax/kvcache.py) it needs. Both place
+their inputs on the mesh with batch shardings. Prompt lengths are bucketed (multiples of
+64) and short batches padded to the batch size, so a run compiles once per bucket;
+compile time is measured apart from run time.
 """
 import dataclasses
 import time
@@ -12,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models import registry
-from models.tokenizer import encode_continuation, encode_stop_sequences
-from rain_jax import generate, noise, sharding, similarity
+from models import llama, registry
+from models.tokenizer import encode_continuation, encode_stop_sequences, token_tables
+from rain_jax import generate, judge, kvcache, noise, search, sharding, similarity, stopping
 
 LENGTH_BUCKET = 64
 
@@ -31,7 +34,7 @@ def to_host(tree):
   return jax.device_get(tree)
 
 
-def encode_prompts(tokenizer, config, examples, max_new_tokens):
+def encode_prompts(tokenizer, config, examples):
   """Token ids of each example's prompt (BOS as the tokenizer adds it by default).
 
   Raises ValueError naming the example when a prompt leaves no room for one new token
@@ -89,12 +92,11 @@ class VanillaRunner:
     self.sampling = generate.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     self.seed = seed
     stops = encode_stop_sequences(model.tokenizer, task.turn_marker) if task.turn_marker else []
-    self.stop_sequences = generate.right_align_stop_sequences(stops or [[]])
+    self.stop_sequences = stopping.right_align(stops)
     self._compiled = {}
 
   def encode(self, examples):
-    return encode_prompts(self.model.tokenizer, self.model.config, examples,
-                          self.max_new_tokens)
+    return encode_prompts(self.model.tokenizer, self.model.config, examples)
 
   def _executable(self, batch_size, width):
     """(compiled generate for [batch_size, width] prompts, compile seconds or 0 if cached)."""
@@ -137,7 +139,7 @@ class VanillaRunner:
                 'top_p': self.sampling.top_p}
     for i, (ex, ids) in enumerate(batch):
       new_ids = [int(t) for t in out.tokens[i, :int(out.num_tokens[i])]]
-      reason = generate.STOP_REASONS[int(out.stop_reason[i])]
+      reason = stopping.STOP_REASONS[int(out.stop_reason[i])]
       record = answer_record(self.task, self.model.tokenizer, ex, ids, 'vanilla', new_ids,
                              reason, seconds, len(batch), compile_seconds, self.seed)
       records.append({**record, 'sampling': sampling})
@@ -145,9 +147,7 @@ class VanillaRunner:
 
 
 def llama_model_fns(config, mesh=None):
-  """search.ModelFns for a LLaMA config (the cache sharded over the mesh when given)."""
-  from models import llama
-  from rain_jax import search
+  """kvcache.ModelFns for a LLaMA config (the cache sharded over the mesh when given)."""
 
   def init_cache(batch, slots):
     cache = llama.init_cache(config, batch, slots)
@@ -160,8 +160,8 @@ def llama_model_fns(config, mesh=None):
     return llama.forward(config, params, tokens, positions, cache, write_index, mask,
                          logits_index)
 
-  return search.ModelFns(forward=forward, init_cache=init_cache,
-                         vocab_size=config.vocab_size, hidden_size=config.hidden_size)
+  return kvcache.ModelFns(forward=forward, init_cache=init_cache,
+                          vocab_size=config.vocab_size, hidden_size=config.hidden_size)
 
 
 def judge_prompt_ids(tok, task, example) -> list[int]:
@@ -192,8 +192,8 @@ class RainRunner:
   """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
 
   def __init__(self, model, mesh, task, rain_config, dump_tree=False):
-    from models.tokenizer import token_tables
-    from rain_jax import search
+    if task.judge_kind not in ('ab', 'yes_no'):
+      raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.model = model
     self.mesh = mesh
     self.task = task
@@ -201,76 +201,66 @@ class RainRunner:
     self.dump_tree = dump_tree
     tok = model.tokenizer
     try:
-      tables = token_tables(tok)
+      self.token_tables = token_tables(tok)
     except ValueError as e:
       raise ValueError(f'the tokenizer cannot serve the {task.name} judge: {e}') from None
-    vocab = model.config.vocab_size
-    clause_end = np.zeros((vocab,), bool)
-    clause_end[:tables.clause_end.shape[0]] = tables.clause_end
-    stops = encode_stop_sequences(tok, task.turn_marker) if task.turn_marker else []
-    self.tables = search.SearchTables(
-        clause_end=jnp.asarray(clause_end),
-        stop_sequences=generate.right_align_stop_sequences(stops or [[]]),
-        eos_id=jnp.int32(tok.eos_id))
-    self.label_a, self.label_b = tables.label_a, tables.label_b
-    self.yes_ids = tuple(int(i) for i in tables.yes_ids)
-    self.no_ids = tuple(int(i) for i in tables.no_ids)
+    self.tables = search_tables(tok, task, model.config.vocab_size)
     self.suffixes = judge_suffix_ids(tok, task)
-    if task.judge_kind not in ('ab', 'yes_no'):
-      raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.fns = llama_model_fns(model.config, mesh)
     self.embedder, self.encoder = load_embedder(rain_config.similarity, tok, mesh)
     self._searchers = {}
 
   def encode(self, examples):
-    return encode_prompts(self.model.tokenizer, self.model.config, examples,
-                          self.cfg.max_new_tokens)
+    return encode_prompts(self.model.tokenizer, self.model.config, examples)
 
-  def _judge_prompts(self, examples):
-    return [judge_prompt_ids(self.model.tokenizer, self.task, ex) for ex in examples]
-
-  def _judge(self, judge_width, answer_cap, content_cap):
-    """The self-evaluation the task asks for (task.judge_kind): ABJudge or YesNoJudge."""
-    from rain_jax import judge
-    sizes = dict(model=self.fns, prefix_width=judge_width, answer_cap=answer_cap,
-                 stop_sequences=np.asarray(self.tables.stop_sequences),
-                 content_cap=content_cap, chunk=self.cfg.feed_chunk)
-    if self.task.judge_kind == 'yes_no':
+  def _judge(self, policy_layout, judge_width):
+    """The self-evaluation the task asks for (task.judge_kind): ABJudge or YesNoJudge,
+    its cache sized from the search's (kvcache.judge_layout)."""
+    kind = judge.YesNoJudge if self.task.judge_kind == 'yes_no' else judge.ABJudge
+    suffix_slots = kind.suffix_slots(self.suffixes[0] if kind is judge.YesNoJudge
+                                     else self.suffixes)
+    common = dict(model=self.fns, chunk=self.cfg.feed_chunk,
+                  layout=kvcache.judge_layout(self.cfg, policy_layout, prefix_width=judge_width,
+                                              suffix_slots=suffix_slots),
+                  stop_sequences=np.asarray(self.tables.stop_sequences))
+    if kind is judge.YesNoJudge:
       return judge.YesNoJudge(
-          suffix=self.suffixes[0], yes_ids=self.yes_ids, no_ids=self.no_ids,
+          suffix=self.suffixes[0], yes_ids=tuple(int(i) for i in self.token_tables.yes_ids),
+          no_ids=tuple(int(i) for i in self.token_tables.no_ids),
           period=judge.period_table(self.model.tokenizer, self.model.config.vocab_size),
-          **sizes)
-    return judge.ABJudge(suffixes=self.suffixes, label_a=self.label_a, label_b=self.label_b,
-                         **sizes)
+          **common)
+    return judge.ABJudge(suffixes=self.suffixes, label_a=self.token_tables.label_a,
+                         label_b=self.token_tables.label_b, **common)
 
   def _searcher(self, prompt_width, judge_width):
-    from rain_jax import search
+    """[Searcher, compiled generate or None] for prompts of these padded widths."""
     key = (prompt_width, judge_width)
     if key not in self._searchers:
-      layout = search.Layout(self.cfg, prompt_width)
-      chunk = self.cfg.feed_chunk
-      content_cap = -(-(layout.path_cap + self.cfg.max_rollout) // chunk) * chunk
-      judge = self._judge(judge_width, layout.answer_cap, content_cap)
-      self._searchers[key] = [search.Searcher(self.fns, judge, self.cfg, prompt_width,
+      task_judge = self._judge(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
+      self._searchers[key] = [search.Searcher(self.fns, task_judge, self.cfg, prompt_width,
                                               self.embedder), None]
     return self._searchers[key]
 
-  def run_batch(self, batch, batch_size):
-    """batch: list of (Example, prompt ids) -> one record per example."""
-    from rain_jax import search
+  def _inputs(self, batch, batch_size):
+    """(prompt width, judge width, the searcher's arguments placed on the mesh)."""
     examples = [ex for ex, _ in batch]
-    config = self.model.config
-    width = min(bucket(max(len(ids) for _, ids in batch)), config.max_seq_len - 1)
-    judge_rows = self._judge_prompts(examples)
+    tok = self.model.tokenizer
+    width = min(bucket(max(len(ids) for _, ids in batch)), self.model.config.max_seq_len - 1)
+    judge_rows = [judge_prompt_ids(tok, self.task, ex) for ex in examples]
     judge_width = bucket(max(len(r) for r in judge_rows))
     tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
     judge_tokens, judge_lens = pad_batch(judge_rows, batch_size, judge_width)
     seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
+    place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_size))
+    args = (self.model.params, self.tables, place(tokens), place(lengths), place(seeds),
+            {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, self.encoder)
+    return width, judge_width, args
+
+  def run_batch(self, batch, batch_size):
+    """batch: list of (Example, prompt ids) -> one record per example."""
+    width, judge_width, args = self._inputs(batch, batch_size)
     entry = self._searcher(width, judge_width)
-    args = (self.model.params, self.tables, jnp.asarray(tokens), jnp.asarray(lengths),
-            jnp.asarray(seeds), {'tokens': jnp.asarray(judge_tokens),
-                                 'lens': jnp.asarray(judge_lens)}, self.encoder)
     compile_seconds = 0.0
     if entry[1] is None:
       t0 = time.time()
@@ -282,7 +272,7 @@ class RainRunner:
     records = []
     for i, (ex, ids) in enumerate(batch):
       new_ids = [int(t) for t in out['answer'][i, :int(out['answer_len'][i])]]
-      reason = search.STOP_REASONS[int(out['stop_reason'][i])]
+      reason = stopping.STOP_REASONS[int(out['stop_reason'][i])]
       stats = {k: int(v[i]) for k, v in out['stats'].items()}
       record = {
           **answer_record(self.task, self.model.tokenizer, ex, ids, 'rain', new_ids, reason,
@@ -293,22 +283,35 @@ class RainRunner:
           'rain_config': dataclasses.asdict(self.cfg),
       }
       if self.dump_tree:
-        record['tree_dump'] = self._dump(out, i, stats['committed_sets'])
+        record['tree_dump'] = tree_dump(self.model.tokenizer, out, i, stats['committed_sets'])
       records.append(record)
     return records
 
-  def _dump(self, out, row, commits):
-    """Root children statistics at every commit (like the original's per-step dump)."""
-    tok = self.model.tokenizer
-    steps = []
-    for c in range(commits):
-      children = []
-      for j in range(self.cfg.max_children):
-        ids = [int(t) for t in out['dump_tokens'][row, c, j] if t >= 0]
-        if not ids:
-          continue
-        n, fn, q, p = (float(x) for x in out['dump_stats'][row, c, j])
-        children.append({'tokens': ids, 'text': tok.decode(ids), 'n': n, 'fn': int(fn),
-                         'q': q, 'p': p})
-      steps.append({'simulations': int(out['dump_sims'][row, c]), 'children': children})
-    return steps
+
+def search_tables(tok, task, vocab_size) -> stopping.SearchTables:
+  """The token facts the search stops on, for `task`'s turn marker on a model of
+  `vocab_size` ids (clause ends past the tokenizer's ids are False)."""
+  tables = token_tables(tok)
+  clause_end = np.zeros((vocab_size,), bool)
+  clause_end[:tables.clause_end.shape[0]] = tables.clause_end
+  stops = encode_stop_sequences(tok, task.turn_marker) if task.turn_marker else []
+  return stopping.SearchTables(clause_end=jnp.asarray(clause_end),
+                               stop_sequences=stopping.right_align(stops),
+                               eos_id=jnp.int32(tok.eos_id))
+
+
+def tree_dump(tok, out, row, commits):
+  """Root children statistics at every commit of `row` (like the original's per-step
+  dump): [{'simulations', 'children': [{'tokens', 'text', 'n', 'fn', 'q', 'p'}]}]."""
+  steps = []
+  for c in range(commits):
+    children = []
+    for ids_row, stats_row in zip(out['dump_tokens'][row, c], out['dump_stats'][row, c]):
+      ids = [int(t) for t in ids_row if t >= 0]
+      if not ids:
+        continue
+      n, fn, q, p = (float(x) for x in stats_row)
+      children.append({'tokens': ids, 'text': tok.decode(ids), 'n': n, 'fn': int(fn),
+                       'q': q, 'p': p})
+    steps.append({'simulations': int(out['dump_sims'][row, c]), 'children': children})
+  return steps

@@ -12,10 +12,8 @@ import jax
 import jax.numpy as jnp
 
 from models import llama
-from rain_jax import kvcache, noise
-
-STOP_REASONS = ('running', 'eos', 'max_new_tokens', 'stop_sequence', 'max_length')
-RUNNING, EOS, MAX_NEW_TOKENS, STOP_SEQUENCE, MAX_LENGTH = range(5)
+from rain_jax import kvcache, noise, stopping
+from rain_jax.stopping import EOS, MAX_LENGTH, MAX_NEW_TOKENS, RUNNING, TURN_MARKER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +36,7 @@ class SamplingParams:
 @dataclasses.dataclass
 class Generation:
   """tokens [B, N] (0 after a row stops), num_tokens [B] (stop token included),
-  stop_reason [B] (index into STOP_REASONS)."""
+  stop_reason [B] (index into stopping.STOP_REASONS)."""
   tokens: jax.Array
   num_tokens: jax.Array
   stop_reason: jax.Array
@@ -71,23 +69,6 @@ def sample_tokens(logits, sampling: SamplingParams, seeds, step):
   return jnp.argmax(logits + noise.gumbel(u), axis=-1).astype(jnp.int32)
 
 
-def right_align_stop_sequences(sequences, width=None):
-  """list of token lists -> [M, W] int32, each right-aligned, padded on the left with -1."""
-  width = width or max([len(s) for s in sequences] + [1])
-  rows = [[-1] * (width - len(s)) + list(s) for s in sequences if s]
-  return jnp.asarray(rows or [[-1] * width], jnp.int32).reshape(-1, width)
-
-
-def ends_with_stop_sequence(out, step, stop_sequences):
-  """Whether out[:, :step+1] ends with any stop sequence. out [B, N]; stop [M, W] -> [B]."""
-  width = stop_sequences.shape[1]
-  idx = step - width + 1 + jnp.arange(width)
-  window = jnp.where(idx >= 0, out[:, jnp.clip(idx, 0)], -2)  # [B, W]
-  real = stop_sequences >= 0
-  match = jnp.all(~real[None] | (window[:, None, :] == stop_sequences[None]), axis=-1)
-  return jnp.any(match & jnp.any(real, axis=-1)[None], axis=-1)
-
-
 @functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'cache_len',
                                              'sampling', 'cache_sharding'))
 def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, seeds,
@@ -98,8 +79,8 @@ def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, s
   Args:
     prompt_tokens: [B, P] int32, right-padded; prompt_lengths: [B] int32 (>= 1).
     seeds: [B] uint32 per-row seeds (used when sampling).
-    stop_sequences: [M, W] int32 from `right_align_stop_sequences` (a row stops when its
-      generated tokens end with one).
+    stop_sequences: [M, W] int32 from `stopping.right_align` (a row stops with
+      'turn_marker' when its generated tokens end with one).
     eos_id: scalar int32; a row stops after emitting it.
     cache_len: cache slots S (>= P; a row stops with 'max_length' when it fills them).
     cache_sharding: optional NamedSharding for the KV cache.
@@ -117,8 +98,9 @@ def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, s
     out = out.at[:, step].set(jnp.where(running, token, 0))
     new_reason = jnp.where(token == eos_id, EOS, RUNNING)
     new_reason = jnp.where((new_reason == RUNNING)
-                           & ends_with_stop_sequence(out, step, stop_sequences),
-                           STOP_SEQUENCE, new_reason)
+                           & stopping.window_matches(out, jnp.full((batch,), step),
+                                                     stop_sequences),
+                           TURN_MARKER, new_reason)
     new_reason = jnp.where((new_reason == RUNNING) & (step + 1 >= max_new_tokens),
                            MAX_NEW_TOKENS, new_reason)
     new_reason = jnp.where((new_reason == RUNNING)

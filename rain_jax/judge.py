@@ -1,6 +1,14 @@
-"""Self-evaluation in token space (docs/algorithm.md §4.3, HH and adv).
+"""Self-evaluation in token space (docs/algorithm.md §4.3): the judge protocol and the
+two judges of the original, ABJudge (HH, adv) and YesNoJudge (truth).
 
-The policy judges its own text with the few-shot prompt f2: two passes that differ only
+The protocol (`Judge`) is three pure functions over a per-row judge state:
+  init_state(params, inputs) -> state          once per generation (inputs: [B, ...])
+  commit(params, state, *, tokens, lens, mask) -> state    after each committed set
+  evaluate(params, state, *, gen, answer_len, gen_len, active) -> (v [B], state)
+plus `layout`, the judge's cache regions (kvcache.JudgeLayout; None for a judge without
+a cache), which the search checks against its own.
+
+ABJudge: the policy judges its own text with the few-shot prompt f2: two passes that differ only
 in the order of the options (r1: (A) harmless / (B) harmful; r2 swapped), reading which
 of the labels "A" and "B" is likelier as the next token. Pass 1 votes harmless when
 P(A) > P(B), pass 2 when P(B) > P(A); v = votes - 1, in {-1, 0, +1}.
@@ -26,18 +34,26 @@ spans a seam (e.g. "\\n" + "\\n" after a rollout that ended with a newline). Ver
 original memoises by text): a repeated text is judged again, which changes cost only.
 """
 import dataclasses
+from typing import Optional, Protocol
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rain_jax.search import feed_tokens, slot_range_mask, text_before_stop_sequence
+from rain_jax import kvcache
+from rain_jax.stopping import no_stop_sequences, text_before_stop_sequence
 
 
-def no_stop_sequences() -> np.ndarray:
-  """[1, 1] int32 of -1: a task without a turn marker (nothing is cut)."""
-  return np.full((1, 1), -1, np.int32)
+class Judge(Protocol):
+  """What the search asks of a judge (see the module docstring)."""
+  layout: Optional[kvcache.JudgeLayout]
+
+  def init_state(self, params, inputs): ...
+
+  def commit(self, params, state, *, tokens, lens, mask): ...
+
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active): ...
 
 
 @flax.struct.dataclass
@@ -46,86 +62,97 @@ class JudgeState:
   trunk_len: jax.Array     # [B]
 
 
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class TrunkCachedJudge:
-  """The cache bookkeeping both judges share (subclasses are frozen dataclasses with
-  model, prefix_width, answer_cap, content_cap, chunk and `num_suffix_slots`).
+  """The cache both judges keep per row (regions: `layout`, a kvcache.JudgeLayout).
 
-  Cache slots per row: [trunk: judge prompt + committed answer (prefix_width +
-  answer_cap)][content: uncommitted tokens (content_cap)][suffix (num_suffix_slots)].
-  `stop_sequences` [M, W] (right-aligned, -1 padded; a [1, 1] array of -1 when the task
-  has no turn marker) mark where the judged text is cut.
+  model: kvcache.ModelFns of the policy (the judge is the policy). chunk: feed chunk.
+  stop_sequences [M, W] (right-aligned, -1 padded; stopping.no_stop_sequences() when
+  the task has no turn marker) mark where the judged text is cut.
   """
+  model: kvcache.ModelFns
+  layout: kvcache.JudgeLayout
+  chunk: int
+  stop_sequences: np.ndarray = dataclasses.field(default_factory=no_stop_sequences)
 
-  def judged_end(self, gen, gen_len):
-    """[B]: gen[b, :gen_len[b]] cut before a new turn marker (the original's cut)."""
-    return text_before_stop_sequence(gen, gen_len, jnp.asarray(self.stop_sequences))
+  def __post_init__(self):
+    if self.layout.content_cap % self.chunk:
+      raise ValueError(f'content_cap={self.layout.content_cap} must be a multiple of '
+                       f'chunk={self.chunk}')
 
-  @property
-  def content_base(self):
-    return self.prefix_width + self.answer_cap
-
-  @property
-  def suffix_base(self):
-    return self.content_base + self.content_cap
-
-  @property
-  def num_slots(self):
-    return self.suffix_base + self.num_suffix_slots
+  def _check_suffix_slots(self, needed):
+    if self.layout.suffix_slots < needed:
+      raise ValueError(f'the judge layout has {self.layout.suffix_slots} suffix slots, '
+                       f'its suffixes need {needed}')
 
   def init_state(self, params, inputs):
     """inputs: {'tokens': [B, prefix_width] int32 right-padded, 'lens': [B]}: the judge
     prompt up to where the answer starts, tokenised on the host."""
     tokens, lens = inputs['tokens'], inputs['lens']
     batch = tokens.shape[0]
-    cache = self.model.init_cache(batch, self.num_slots)
-    context = jnp.zeros((batch, self.num_slots), bool)
-    cache, _, _ = feed_tokens(self.model, params, cache, tokens, lens, 0,
-                              jnp.zeros((batch,), jnp.int32), context, tokens.shape[1])
+    cache = self.model.init_cache(batch, self.layout.num_slots)
+    cache, _, _ = kvcache.feed_tokens(
+        self.model, params, cache, tokens=tokens, lengths=lens, slot_base=0,
+        start_position=jnp.zeros((batch,), jnp.int32),
+        context=jnp.zeros((batch, self.layout.num_slots), bool), chunk=tokens.shape[1])
     return JudgeState(cache=cache, trunk_len=lens)
 
-  def commit(self, params, state, tokens, lens, mask):
+  def commit(self, params, state, *, tokens, lens, mask):
     """Appends committed tokens [B, L] (lens real; only rows in mask) to the trunk."""
     lens = jnp.where(mask, lens, 0)
-    context = slot_range_mask(self.num_slots, 0, state.trunk_len)
-    cache, _, _ = feed_tokens(self.model, params, state.cache, tokens, lens,
-                              state.trunk_len, state.trunk_len, context, tokens.shape[1])
+    cache, _, _ = kvcache.feed_tokens(
+        self.model, params, state.cache, tokens=tokens, lengths=lens,
+        slot_base=state.trunk_len, start_position=state.trunk_len,
+        context=kvcache.slot_range_mask(self.layout.num_slots, 0, state.trunk_len),
+        chunk=tokens.shape[1])
     return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
 
+  def judged_end(self, gen, gen_len):
+    """[B]: gen[b, :gen_len[b]] cut before a new turn marker (the original's cut)."""
+    return text_before_stop_sequence(gen, gen_len, jnp.asarray(self.stop_sequences))
 
-@dataclasses.dataclass(frozen=True, eq=False)
+  def feed_content(self, params, state, gen, answer_len, content_len, visible):
+    """Feeds gen[b, answer_len[b]:][:content_len[b]] into the content region after the
+    first visible[b] trunk slots. Returns (cache, seen [B, S]: the slots the suffix
+    attends: visible trunk + content)."""
+    layout = self.layout
+    idx = answer_len[:, None] + jnp.arange(layout.content_cap)[None, :]
+    content = jnp.take_along_axis(gen, jnp.clip(idx, 0, gen.shape[1] - 1), axis=1)
+    trunk = kvcache.slot_range_mask(layout.num_slots, 0, visible)
+    cache, _, _ = kvcache.feed_tokens(
+        self.model, params, state.cache, tokens=content, lengths=content_len,
+        slot_base=layout.content_base, start_position=visible, context=trunk,
+        chunk=self.chunk)
+    return cache, trunk | kvcache.slot_range_mask(layout.num_slots, layout.content_base,
+                                                  content_len)
+
+
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class ABJudge(TrunkCachedJudge):
   """Two-order A/B harmfulness judge; see the module docstring.
 
-  model: search.ModelFns of the policy (the judge is the policy).
-  suffixes: token ids of "\\n" + r1 and "\\n" + r2.
-  label_a, label_b: ids of "A" and "B" after "(".
-  prefix_width: width of the padded judge prompts; answer_cap, content_cap: capacities
-  of the committed answer and of the judged uncommitted tokens; chunk: feed chunk.
+  suffixes: token ids of "\\n" + r1 and "\\n" + r2. label_a, label_b: ids of "A" and "B"
+  after "(". The layout's suffix region holds both suffixes side by side
+  (`suffix_slots(suffixes)`).
   """
-  model: object
   suffixes: tuple
   label_a: int
   label_b: int
-  prefix_width: int
-  answer_cap: int
-  content_cap: int
-  chunk: int
-  stop_sequences: np.ndarray = dataclasses.field(default_factory=no_stop_sequences)
 
   def __post_init__(self):
+    super().__post_init__()
     if len(self.suffixes) != 2 or not all(self.suffixes):
       raise ValueError('ABJudge needs two non-empty suffixes (r1 and r2)')
-    if self.content_cap % self.chunk:
-      raise ValueError(f'content_cap={self.content_cap} must be a multiple of '
-                       f'chunk={self.chunk}')
+    self._check_suffix_slots(self.suffix_slots(self.suffixes))
+
+  @staticmethod
+  def suffix_slots(suffixes) -> int:
+    """Suffix slots the two suffixes need: two streams of the longer one's length."""
+    return 2 * max(len(s) for s in suffixes)
 
   @property
   def suffix_width(self):
     return max(len(s) for s in self.suffixes)
-
-  @property
-  def num_suffix_slots(self):
-    return 2 * self.suffix_width
 
   def _suffix_arrays(self):
     width = self.suffix_width
@@ -134,31 +161,27 @@ class ABJudge(TrunkCachedJudge):
       tokens[k, :len(ids)] = ids
     return jnp.asarray(tokens), jnp.asarray([len(s) for s in self.suffixes], jnp.int32)
 
-  def evaluate(self, params, state, gen, answer_len, gen_len, active):
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
     """v [B] in {-1, 0, +1} for the text trunk + gen[answer_len:gen_len], cut before a
-    new turn marker."""
+    new turn marker. gen [B, G] int32; answer_len, gen_len [B]; active [B] bool."""
     batch = gen.shape[0]
+    layout = self.layout
     gen_len = self.judged_end(gen, gen_len)
     content_len = jnp.where(active, jnp.maximum(gen_len - answer_len, 0), 0)
-    idx = answer_len[:, None] + jnp.arange(self.content_cap)[None, :]
-    content = jnp.take_along_axis(gen, jnp.clip(idx, 0, gen.shape[1] - 1), axis=1)
-    trunk = slot_range_mask(self.num_slots, 0, state.trunk_len)
-    cache, _, _ = feed_tokens(self.model, params, state.cache, content, content_len,
-                              self.content_base, state.trunk_len, trunk, self.chunk)
+    cache, seen = self.feed_content(params, state, gen, answer_len, content_len,
+                                    state.trunk_len)
     suffix, suffix_lens = self._suffix_arrays()
     width = self.suffix_width
     t = jnp.arange(width)
-    slots = self.suffix_base + jnp.arange(2)[:, None] * width + t[None, :]      # [2, W]
-    flat_slots = slots.reshape(-1)
-    s = jnp.arange(self.num_slots)
+    slots = layout.suffix_base + jnp.arange(2)[:, None] * width + t[None, :]    # [2, W]
+    s = jnp.arange(layout.num_slots)
     own = (s[None, None, :] >= slots[:, :1, None]) & (s[None, None, :] <= slots[:, :, None])
-    seen = trunk | slot_range_mask(self.num_slots, self.content_base, content_len)
-    mask = seen[:, None, :] | own.reshape(2 * width, self.num_slots)[None]
+    mask = seen[:, None, :] | own.reshape(2 * width, layout.num_slots)[None]
     positions = (state.trunk_len + content_len)[:, None] + jnp.tile(t, 2)[None, :]
     last = jnp.asarray([suffix_lens[0] - 1, width + suffix_lens[1] - 1])
     picked, _, cache = self.model.forward(
         params, jnp.broadcast_to(suffix.reshape(-1), (batch, 2 * width)), positions, cache,
-        jnp.broadcast_to(flat_slots, (batch, 2 * width)), mask,
+        jnp.broadcast_to(slots.reshape(-1), (batch, 2 * width)), mask,
         logits_index=jnp.broadcast_to(last, (batch, 2)))                        # [B, 2, V]
     a, b = picked[..., self.label_a], picked[..., self.label_b]
     votes = (a[:, 0] > b[:, 0]).astype(jnp.float32) + (b[:, 1] > a[:, 1]).astype(jnp.float32)
@@ -173,7 +196,7 @@ def period_table(tok, vocab_size: int) -> np.ndarray:
   return table
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
 class YesNoJudge(TrunkCachedJudge):
   """One-pass "Yes"/"No" truthfulness judge (docs/algorithm.md §4.3, truth).
 
@@ -193,22 +216,16 @@ class YesNoJudge(TrunkCachedJudge):
   seams are those of ABJudge: the answer keeps the policy's tokens and the suffix is
   tokenised on its own.
 
-  model: search.ModelFns of the policy. suffix: token ids of "\\nIs the answer truthful?
-  [\\INST] ". yes_ids, no_ids: ids read as "Yes" / "No". period: bool [V] table of tokens
-  whose text contains ".". prefix_width, answer_cap, content_cap, chunk: as ABJudge.
+  suffix: token ids of "\\nIs the answer truthful? [\\INST] ". yes_ids, no_ids: ids read
+  as "Yes" / "No". period: bool [V] table of tokens whose text contains ".".
   """
-  model: object
   suffix: tuple
   yes_ids: tuple
   no_ids: tuple
   period: np.ndarray
-  prefix_width: int
-  answer_cap: int
-  content_cap: int
-  chunk: int
-  stop_sequences: np.ndarray = dataclasses.field(default_factory=no_stop_sequences)
 
   def __post_init__(self):
+    super().__post_init__()
     if not self.suffix:
       raise ValueError('YesNoJudge needs a non-empty suffix')
     if not self.yes_ids or not self.no_ids:
@@ -216,13 +233,11 @@ class YesNoJudge(TrunkCachedJudge):
     if self.period.shape != (self.model.vocab_size,):
       raise ValueError(f'period table has shape {self.period.shape}, expected '
                        f'({self.model.vocab_size},)')
-    if self.content_cap % self.chunk:
-      raise ValueError(f'content_cap={self.content_cap} must be a multiple of '
-                       f'chunk={self.chunk}')
+    self._check_suffix_slots(self.suffix_slots(self.suffix))
 
-  @property
-  def num_suffix_slots(self):
-    return len(self.suffix)
+  @staticmethod
+  def suffix_slots(suffix) -> int:
+    return len(suffix)
 
   def judged_length(self, gen, gen_len):
     """[B]: answer tokens judged, i.e. gen[b, :gen_len[b]] up to its last period token
@@ -232,25 +247,21 @@ class YesNoJudge(TrunkCachedJudge):
     last = jnp.max(jnp.where(has_period, idx, -1), axis=1)
     return jnp.where(last >= 0, last + 1, gen_len)
 
-  def margin(self, params, state, gen, answer_len, gen_len, active):
+  def margin(self, params, state, *, gen, answer_len, gen_len, active):
     """(max yes logit - max no logit [B] float32 after the suffix, cache) for the text
     trunk + gen[answer_len:gen_len], cut after its last period (see the class docstring).
     The shared softmax normaliser cancels, so the sign is that of P(yes) - P(no)."""
     batch = gen.shape[0]
+    layout = self.layout
     cut = self.judged_length(gen, self.judged_end(gen, gen_len))
     visible = state.trunk_len - answer_len + jnp.minimum(cut, answer_len)        # [B]
     content_len = jnp.where(active, jnp.maximum(cut - answer_len, 0), 0)
-    idx = answer_len[:, None] + jnp.arange(self.content_cap)[None, :]
-    content = jnp.take_along_axis(gen, jnp.clip(idx, 0, gen.shape[1] - 1), axis=1)
-    trunk = slot_range_mask(self.num_slots, 0, visible)
-    cache, _, _ = feed_tokens(self.model, params, state.cache, content, content_len,
-                              self.content_base, visible, trunk, self.chunk)
+    cache, seen = self.feed_content(params, state, gen, answer_len, content_len, visible)
     width = len(self.suffix)
     t = jnp.arange(width)
-    slots = self.suffix_base + t                                                  # [W]
-    s = jnp.arange(self.num_slots)
-    own = (s[None, :] >= self.suffix_base) & (s[None, :] <= slots[:, None])        # [W, S]
-    seen = trunk | slot_range_mask(self.num_slots, self.content_base, content_len)
+    slots = layout.suffix_base + t                                                # [W]
+    s = jnp.arange(layout.num_slots)
+    own = (s[None, :] >= layout.suffix_base) & (s[None, :] <= slots[:, None])      # [W, S]
     mask = seen[:, None, :] | own[None]
     positions = (visible + content_len)[:, None] + t[None, :]
     tokens = jnp.broadcast_to(jnp.asarray(self.suffix, jnp.int32), (batch, width))
@@ -262,8 +273,9 @@ class YesNoJudge(TrunkCachedJudge):
     no = jnp.max(last[:, jnp.asarray(self.no_ids)], axis=1)
     return yes - no, cache
 
-  def evaluate(self, params, state, gen, answer_len, gen_len, active):
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
     """v [B] in {-1, +1}: +1 when "Yes" is likelier than "No" (see `margin`)."""
-    margin, cache = self.margin(params, state, gen, answer_len, gen_len, active)
+    margin, cache = self.margin(params, state, gen=gen, answer_len=answer_len,
+                                gen_len=gen_len, active=active)
     return jnp.where(margin > 0, 1.0, -1.0), JudgeState(cache=cache,
                                                         trunk_len=state.trunk_len)

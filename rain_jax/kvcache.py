@@ -1,12 +1,199 @@
-"""Attention masks and the two usual cache passes (prefill, one-token decode).
+"""KV caches: how a model is called, where each cache region lives, and how tokens enter it.
 
-The model reads and writes its cache only through `models.llama.forward`, which takes an
-explicit [B, T, S] mask; this module builds the masks for contiguous sequences. Tree-shaped
-masks for the search are built from ancestor chains in `rain_jax/search.py`.
+The model reads and writes its cache only through one forward function that takes an
+explicit [B, T, S] attention mask (`ModelFns.forward`; `models.llama.forward`). This
+module owns everything above that call:
+
+* `ModelFns`: the model as the search and the judges see it.
+* `PolicyLayout`, `JudgeLayout`: every region of the RAIN caches, per row,
+    policy: [trunk: prompt + committed answer][path][rollout][A proposal streams]
+    judge:  [trunk: judge prompt + committed answer][content][suffixes]
+  built in one place (`policy_layout`, `judge_layout`) from the config and the prompt
+  widths, so that the judge's content region always holds what the search judges.
+* `feed_tokens` (keyword-only) and `slot_range_mask`: chunked feeding into a region and
+  the masks over regions.
+* `prefill` / `decode`: the two passes of vanilla decoding over a contiguous cache.
+
+Shapes: B rows, T tokens per pass, S slots, V vocabulary, H hidden size.
 """
+import dataclasses
+from typing import Callable
+
+import jax
 import jax.numpy as jnp
 
 from models import llama
+from rain_jax.config import RainConfig
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelFns:
+  """How the search and the judges call a language model (hashable by identity).
+
+  forward(params, tokens [B,T], positions [B,T], cache, write_index [B] or [B,T],
+          mask [B,T,S], logits_index=None [B,K]) -> (logits [B,T,V] f32 (or [B,K,V] at
+          logits_index), hidden [B,T,H], cache)
+  init_cache(batch, slots) -> cache
+  """
+  forward: Callable
+  init_cache: Callable
+  vocab_size: int
+  hidden_size: int
+
+
+def round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyLayout:
+  """Slots of one row of the policy cache (all static ints).
+
+  trunk_cap: prompt width + answer_cap; the trunk is prefilled once, extended on commit.
+  path_cap: the selected path's tokens, fed again each simulation (feed_chunk multiple).
+  rollout: max_rollout slots; streams: num_streams proposal streams of `stream_len`.
+  gen_cap: the generated buffer the judges read (answer + path + rollout).
+  """
+  prompt_width: int
+  answer_cap: int
+  path_cap: int
+  rollout_cap: int
+  num_streams: int
+  stream_len: int
+
+  @property
+  def trunk_cap(self) -> int:
+    return self.prompt_width + self.answer_cap
+
+  @property
+  def path_base(self) -> int:
+    return self.trunk_cap
+
+  @property
+  def rollout_base(self) -> int:
+    return self.path_base + self.path_cap
+
+  @property
+  def stream_base(self) -> int:
+    return self.rollout_base + self.rollout_cap
+
+  @property
+  def num_slots(self) -> int:
+    return self.stream_base + self.num_streams * self.stream_len
+
+  @property
+  def gen_cap(self) -> int:
+    return self.answer_cap + self.path_cap + self.rollout_cap
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeLayout:
+  """Slots of one row of a judge's cache (all static ints).
+
+  trunk: the judge prompt (prefix_width) + the committed answer (answer_cap);
+  content: the uncommitted tokens judged (content_cap, a multiple of the feed chunk);
+  suffixes: suffix_slots for the judge's question(s).
+  """
+  prefix_width: int
+  answer_cap: int
+  content_cap: int
+  suffix_slots: int
+
+  @property
+  def content_base(self) -> int:
+    return self.prefix_width + self.answer_cap
+
+  @property
+  def suffix_base(self) -> int:
+    return self.content_base + self.content_cap
+
+  @property
+  def num_slots(self) -> int:
+    return self.suffix_base + self.suffix_slots
+
+
+def policy_layout(cfg: RainConfig, prompt_width: int) -> PolicyLayout:
+  """The policy cache of a search with `cfg` over prompts padded to `prompt_width`."""
+  return PolicyLayout(
+      prompt_width=prompt_width,
+      answer_cap=cfg.max_new_tokens + cfg.max_tokens_per_node,
+      path_cap=round_up(cfg.max_depth * cfg.max_tokens_per_node, cfg.feed_chunk),
+      rollout_cap=cfg.max_rollout,
+      num_streams=max(cfg.sample_attempts, cfg.widen_attempts) + 1,
+      stream_len=cfg.max_tokens_per_node)
+
+
+def judge_layout(cfg: RainConfig, policy: PolicyLayout, *, prefix_width: int,
+                 suffix_slots: int) -> JudgeLayout:
+  """The judge cache matching `policy`: its content holds every uncommitted token the
+  search can judge (path + rollout), rounded up to the feed chunk."""
+  return JudgeLayout(prefix_width=prefix_width, answer_cap=policy.answer_cap,
+                     content_cap=round_up(policy.path_cap + policy.rollout_cap,
+                                          cfg.feed_chunk),
+                     suffix_slots=suffix_slots)
+
+
+def check_judge_layout(judge: JudgeLayout, policy: PolicyLayout) -> None:
+  """ValueError unless the judge's trunk and content hold what the search judges (a
+  smaller content region would silently clip the judged text)."""
+  if judge.answer_cap != policy.answer_cap:
+    raise ValueError(f'judge answer_cap={judge.answer_cap} differs from the policy '
+                     f'answer_cap={policy.answer_cap}')
+  need = policy.path_cap + policy.rollout_cap
+  if judge.content_cap < need:
+    raise ValueError(f'judge content_cap={judge.content_cap} cannot hold the path + '
+                     f'rollout of {need} tokens the search judges')
+
+
+def slot_range_mask(num_slots, start, length):
+  """[B, S] bool: slots start .. start+length-1 (start: int or [B]; length [B])."""
+  s = jnp.arange(num_slots)[None, :]
+  start = jnp.broadcast_to(jnp.asarray(start), length.shape)[:, None]
+  return (s >= start) & (s < start + length[:, None])
+
+
+def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, slot_base,
+                start_position, context, chunk):
+  """Feeds tokens [B, X] (row b's first lengths[b] real) at slots slot_base[b] + j.
+
+  Token j of row b sits at position start_position[b] + j and attends `context` [B, S]
+  plus the fed slots up to itself; one forward pass per `chunk` tokens (X a multiple of
+  chunk; the loop runs for the longest row). slot_base: int or [B]. Returns (cache,
+  hidden [B, X, H] f32, logits [B, V] at each row's last real token; zeros where
+  lengths[b] == 0). Padding tokens write slots past the real ones, which no mask
+  includes until they are written again.
+  """
+  batch, width = tokens.shape
+  slot_ids = jnp.arange(context.shape[1])
+  base = jnp.broadcast_to(jnp.asarray(slot_base, jnp.int32), (batch,))
+  hidden = jnp.zeros((batch, width, model.hidden_size), jnp.float32)
+  last_logits = jnp.zeros((batch, model.vocab_size), jnp.float32)
+  num_chunks = -(-jnp.max(lengths) // chunk)
+
+  def body(carry):
+    c, cache, hidden, last_logits = carry
+    idx = c * chunk + jnp.arange(chunk)
+    toks = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
+    positions = start_position[:, None] + idx[None, :]
+    write = base[:, None] + idx[None, :]                                   # [B, T]
+    fed = ((slot_ids[None, None, :] >= base[:, None, None])
+           & (slot_ids[None, None, :] <= write[:, :, None]))               # [B, T, S]
+    mask = context[:, None, :] | fed
+    last = lengths - 1 - c * chunk
+    here = (last >= 0) & (last < chunk)
+    logits, h, cache = model.forward(params, toks, positions, cache, write, mask,
+                                     logits_index=jnp.clip(last, 0, chunk - 1)[:, None])
+    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
+                                                 axis=1)
+    last_logits = jnp.where(here[:, None], logits[:, 0], last_logits)
+    return c + 1, cache, hidden, last_logits
+
+  _, cache, hidden, last_logits = jax.lax.while_loop(
+      lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), cache, hidden, last_logits))
+  return cache, hidden, last_logits
+
+
+# ------------------------------------------------- vanilla decoding: one contiguous cache
 
 
 def prefill_mask(lengths, num_tokens, max_len):

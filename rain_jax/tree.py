@@ -610,6 +610,68 @@ def backup(tree: Tree, path, path_len, value, path_embeddings, sim_threshold,
   )
 
 
+def path_tokens(tree: Tree, path, depth, path_cap):
+  """The tokens of the path below the root, concatenated.
+
+  Args:
+    tree: the tree.
+    path: [D+1] int32, the selected path (path[0] the root; -1 beyond the leaf).
+    depth: () int32, the leaf's depth (path[1..depth] contribute tokens).
+    path_cap: P_cap (static int), the buffer width.
+
+  Returns:
+    tokens: [P_cap] int32 (0 beyond the path's tokens).
+    length: () int32.
+    offsets: [D+1] int32, where each path node's tokens start in `tokens`.
+  """
+  nodes = jnp.maximum(path, 0)
+  k = jnp.arange(path.shape[0])
+  lens = jnp.where((k >= 1) & (k <= depth), tree.num_tokens[nodes], 0)
+  offsets = jnp.cumsum(lens) - lens
+  t = jnp.arange(tree.max_tokens)
+  dest = jnp.where(t[None, :] < lens[:, None], offsets[:, None] + t[None, :], path_cap)
+  tokens = jnp.zeros((path_cap,), jnp.int32).at[dest].set(tree.tokens[nodes], mode='drop')
+  return tokens, jnp.sum(lens), offsets
+
+
+def root_children(tree: Tree):
+  """The current root's children as the original dumps them before a commit.
+
+  Returns:
+    tokens: [C, L] int32, each child's token set (-1 beyond it and for empty columns).
+    stats: [C, 4] float32, (n, fn, q, p) of each child (0 for empty columns).
+  """
+  kids = tree.children[tree.root]
+  has = kids >= 0
+  safe = jnp.maximum(kids, 0)
+  stats = jnp.stack([tree.visits[safe], tree.real_visits[safe].astype(jnp.float32),
+                     tree.value[safe], tree.prior[safe]], axis=-1)
+  live = jnp.arange(tree.max_tokens)[None, :] < tree.num_tokens[safe][:, None]
+  return (jnp.where(has[:, None] & live, tree.tokens[safe], -1),
+          jnp.where(has[:, None], stats, 0.0))
+
+
+def virtual_loss(tree: Tree, path, path_len, active) -> Tree:
+  """Selection-time virtual loss: one visit of value -1 on path[:path_len].
+
+  Only `parallel_leaves > 1` uses it (not the reference), and the search restores the
+  true statistics before any backup.
+
+  Args:
+    tree: the tree.
+    path: [D] int32; path_len: () int32; active: () bool.
+
+  Returns:
+    The updated tree.
+  """
+  on = (jnp.arange(path.shape[0]) < path_len) & (path >= 0) & active
+  idx = jnp.where(on, path, tree.num_nodes)
+  n = tree.visits[jnp.minimum(idx, tree.num_nodes - 1)]
+  q = tree.value[jnp.minimum(idx, tree.num_nodes - 1)]
+  return tree.replace(visits=tree.visits.at[idx].set(n + 1.0, mode='drop'),
+                      value=tree.value.at[idx].set((q * n - 1.0) / (n + 1.0), mode='drop'))
+
+
 def node_depth(tree: Tree, node) -> jax.Array:
   """Edges from the current root to `node` (a used slot): () int32."""
   return tree.step[node] - tree.step[tree.root]

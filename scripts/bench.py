@@ -49,7 +49,7 @@ import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
 from models import llama, presets, registry  # pylint: disable=wrong-import-position
-from rain_jax import extras, generate, kvcache, loading  # pylint: disable=wrong-import-position
+from rain_jax import extras, generate, kvcache, loading, stopping  # pylint: disable=wrong-import-position
 
 SUITES = ('decode', 'rain')
 DTYPES = ('float32', 'bfloat16')
@@ -300,7 +300,7 @@ def bench_rain_jax(config, params, prompts, new_tokens, repeats):
   tokens = jax.device_put(jnp.asarray(prompts))
   lengths = jnp.full((batch_size,), prompt_len, jnp.int32)
   seeds = jnp.zeros((batch_size,), jnp.uint32)
-  no_stops = generate.right_align_stop_sequences([[]])
+  no_stops = stopping.right_align([])
   no_eos = jnp.int32(-1)
 
   start = time.perf_counter()

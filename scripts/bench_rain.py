@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from rain_jax import engine, search, tasks
+from rain_jax import engine, kvcache, search, tasks
 from rain_jax.config import RainConfig
 
 
@@ -37,7 +37,7 @@ class CallCounter:
     self.tokens += int(tokens_in_call)
 
 
-def counting_fns(fns: search.ModelFns, counter: CallCounter) -> search.ModelFns:
+def counting_fns(fns: kvcache.ModelFns, counter: CallCounter) -> kvcache.ModelFns:
   """ModelFns whose forward reports each call to `counter` through a host callback."""
   def forward(params, tokens, *args, **kwargs):
     jax.debug.callback(counter.add, tokens.size, ordered=False)

@@ -7,8 +7,7 @@ state over a text is the oracle's `embed`. The judge reads the generated tokens.
 import jax.numpy as jnp
 import numpy as np
 
-from rain_jax import search
-from rain_jax.generate import right_align_stop_sequences
+from rain_jax import kvcache, stopping
 
 
 def bigram_model(lm):
@@ -16,17 +15,17 @@ def bigram_model(lm):
   def forward(params, tokens, positions, cache, write_index, mask, logits_index=None):
     read = tokens if logits_index is None else jnp.take_along_axis(tokens, logits_index, 1)
     return params['logits'][read], params['emb'][tokens], cache
-  fns = search.ModelFns(forward=forward, init_cache=lambda batch, slots: jnp.zeros((batch, 1)),
-                        vocab_size=lm.vocab_size, hidden_size=lm.embedding_table.shape[1])
+  fns = kvcache.ModelFns(forward=forward, init_cache=lambda batch, slots: jnp.zeros((batch, 1)),
+                         vocab_size=lm.vocab_size, hidden_size=lm.embedding_table.shape[1])
   params = {'logits': jnp.asarray(lm.logits_table), 'emb': jnp.asarray(lm.embedding_table)}
   return fns, params
 
 
 def tables_for(lm):
   stops = [[lm.turn_marker_id]] if lm.turn_marker_id is not None else [[]]
-  return search.SearchTables(clause_end=jnp.asarray(lm.clause_end),
-                             stop_sequences=right_align_stop_sequences(stops),
-                             eos_id=jnp.int32(lm.eos_id))
+  return stopping.SearchTables(clause_end=jnp.asarray(lm.clause_end),
+                               stop_sequences=stopping.right_align(stops),
+                               eos_id=jnp.int32(lm.eos_id))
 
 
 class ScriptedJudge:
@@ -41,12 +40,14 @@ class ScriptedJudge:
   def init_state(self, params, inputs):
     return inputs
 
-  def commit(self, params, state, tokens, lens, mask):
+  layout = None  # no cache
+
+  def commit(self, params, state, *, tokens, lens, mask):
     return state
 
-  def evaluate(self, params, state, gen, answer_len, gen_len, active):
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
     if self.stop_sequences is not None:
-      gen_len = search.text_before_stop_sequence(gen, gen_len, self.stop_sequences)
+      gen_len = stopping.text_before_stop_sequence(gen, gen_len, self.stop_sequences)
     live = jnp.arange(gen.shape[1])[None] < gen_len[:, None]
     bad = jnp.any(live & (gen == state['harmful'][:, None]), axis=1)
     value = jnp.where(bad, -1.0, 1.0)

@@ -23,7 +23,7 @@ import numpy as np
 
 from models import llama
 from models.presets import get_preset
-from rain_jax import generate, sharding
+from rain_jax import generate, sharding, stopping
 
 NUM_DECODE_STEPS = 4
 CACHE_SLOTS = 16
@@ -78,7 +78,7 @@ def generate_greedy(config, params, tokens, lengths, mesh=None):
         mesh, (config.num_layers, batch, CACHE_SLOTS, config.num_kv_heads, config.head_dim))
   result = generate.generate(
       config, params, tokens, lengths, np.zeros(batch, np.uint32),
-      generate.right_align_stop_sequences([]), np.int32(-1),
+      stopping.right_align([]), np.int32(-1),
       max_new_tokens=NUM_DECODE_STEPS + 1, cache_len=CACHE_SLOTS,
       cache_sharding=cache_sharding)
   return np.asarray(result.tokens)

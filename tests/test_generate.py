@@ -6,6 +6,7 @@ import pytest
 
 from models import llama, presets
 from rain_jax import generate as gen
+from rain_jax import stopping
 
 CONFIG = presets.get_preset('tiny-gqa')
 PARAMS = llama.init_params(CONFIG, jax.random.PRNGKey(0))
@@ -20,10 +21,10 @@ def _run(prompts, max_new=10, sampling=gen.SamplingParams(), stops=(), eos=-1, s
   out = gen.generate(CONFIG, PARAMS, jnp.asarray(tokens),
                      jnp.asarray([len(p) for p in prompts], jnp.int32),
                      jnp.full((len(prompts),), seed, jnp.uint32),
-                     gen.right_align_stop_sequences(list(stops) or [[]]), eos,
+                     stopping.right_align(list(stops)), eos,
                      max_new_tokens=max_new, cache_len=cache_len, sampling=sampling)
   return [list(np.asarray(out.tokens[i, :out.num_tokens[i]])) for i in range(len(prompts))], \
-      [gen.STOP_REASONS[r] for r in np.asarray(out.stop_reason)]
+      [stopping.STOP_REASONS[r] for r in np.asarray(out.stop_reason)]
 
 
 @jax.jit
@@ -71,7 +72,7 @@ def test_stops_at_eos_and_at_stop_sequence():
   got, reasons = _run([PROMPTS[0]], eos=tokens[3])
   assert got[0] == tokens[:tokens.index(tokens[3]) + 1] and reasons == ['eos']
   got, reasons = _run([PROMPTS[0]], stops=[[99, 98], tokens[4:6]])
-  assert reasons == ['stop_sequence']
+  assert reasons == ['turn_marker']
   assert got[0][-2:] == tokens[4:6] and len(got[0]) <= 6
 
 

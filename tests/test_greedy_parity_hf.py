@@ -13,7 +13,7 @@ import torch
 from models import convert
 from models.tokenizer import load_tokenizer
 from rain_jax import generate as gen
-from rain_jax import tasks
+from rain_jax import stopping, tasks
 
 NEW_TOKENS = 64
 CHATML_PROMPT = ('<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained '
@@ -35,7 +35,7 @@ def _rain_jax_greedy(config, params, prompts):
   for i, prompt in enumerate(prompts):
     tokens[i, :len(prompt)] = prompt
   out = gen.generate(config, params, tokens, np.array([len(p) for p in prompts], np.int32),
-                     np.zeros((len(prompts),), np.uint32), gen.right_align_stop_sequences([[]]),
+                     np.zeros((len(prompts),), np.uint32), stopping.right_align([]),
                      np.int32(-1), max_new_tokens=NEW_TOKENS, cache_len=width + NEW_TOKENS)
   assert [gen.STOP_REASONS[r] for r in np.asarray(out.stop_reason)] == (
       ['max_new_tokens'] * len(prompts))

@@ -14,13 +14,15 @@ masked out), empty content, inactive rows, content longer than one feed chunk, a
 second judgement after a later commit, whose shorter content must not see the stale
 slots of the first.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from models.presets import get_preset
-from rain_jax import engine, search
+from rain_jax import engine, kvcache, stopping
 from rain_jax.judge import ABJudge
 from tests import llama_recompute
 
@@ -35,6 +37,9 @@ CONTENT_CAP = 2 * CHUNK
 GEN_WIDTH = ANSWER_CAP + CONTENT_CAP
 RECOMPUTE_WIDTH = PREFIX_WIDTH + ANSWER_CAP + CONTENT_CAP + max(len(s) for s in SUFFIXES)
 LOGIT_ATOL = 1e-4
+LAYOUT = kvcache.JudgeLayout(prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP,
+                             content_cap=CONTENT_CAP,
+                             suffix_slots=ABJudge.suffix_slots(SUFFIXES))
 BATCH = 8  # every call has this many rows: one compiled program
 
 
@@ -54,11 +59,10 @@ class RecordingForward:
 def make_judge():
   fns = engine.llama_model_fns(CONFIG)
   recorder = RecordingForward(fns.forward)
-  model = search.ModelFns(forward=recorder, init_cache=fns.init_cache,
-                          vocab_size=fns.vocab_size, hidden_size=fns.hidden_size)
+  model = kvcache.ModelFns(forward=recorder, init_cache=fns.init_cache,
+                           vocab_size=fns.vocab_size, hidden_size=fns.hidden_size)
   judge = ABJudge(model=model, suffixes=SUFFIXES, label_a=LABEL_A, label_b=LABEL_B,
-                  prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP,
-                  content_cap=CONTENT_CAP, chunk=CHUNK)
+                  layout=LAYOUT, chunk=CHUNK)
   return judge, recorder
 
 
@@ -85,15 +89,15 @@ def run_scenario(params, case):
   """
   state = JUDGE.init_state(params, {'tokens': case['prefix'], 'lens': case['prefix_len']})
   for k in range(COMMIT_STEPS):
-    state = JUDGE.commit(params, state, case['commits'][k], case['commit_lens'][k],
-                         case['commit_mask'][k])
-  v1, state = JUDGE.evaluate(params, state, case['gen1'], case['answer_len1'],
-                             case['gen_len1'], case['active1'])
+    state = JUDGE.commit(params, state, tokens=case['commits'][k],
+                         lens=case['commit_lens'][k], mask=case['commit_mask'][k])
+  v1, state = JUDGE.evaluate(params, state, gen=case['gen1'], answer_len=case['answer_len1'],
+                             gen_len=case['gen_len1'], active=case['active1'])
   logits1 = label_logits_of_last_pass(JUDGE, RECORDER)
-  state = JUDGE.commit(params, state, case['late_commit'], case['late_len'],
-                       case['late_mask'])
-  v2, _ = JUDGE.evaluate(params, state, case['gen2'], case['answer_len2'], case['gen_len2'],
-                         case['active2'])
+  state = JUDGE.commit(params, state, tokens=case['late_commit'], lens=case['late_len'],
+                       mask=case['late_mask'])
+  v2, _ = JUDGE.evaluate(params, state, gen=case['gen2'], answer_len=case['answer_len2'],
+                         gen_len=case['gen_len2'], active=case['active2'])
   return v1, logits1, v2, label_logits_of_last_pass(JUDGE, RECORDER)
 
 
@@ -232,12 +236,13 @@ def test_random_cases_match_recomputation_and_cover_every_verdict(params):
 @pytest.mark.parametrize('kwargs, message', [
     (dict(suffixes=((1, 2),)), 'two non-empty suffixes'),
     (dict(suffixes=((1, 2), ())), 'two non-empty suffixes'),
-    (dict(content_cap=12), 'must be a multiple of chunk'),
+    (dict(layout=dataclasses.replace(LAYOUT, content_cap=12)), 'must be a multiple of chunk'),
+    (dict(layout=dataclasses.replace(LAYOUT, suffix_slots=2 * len(SUFFIXES[1]) - 1)),
+     'suffix slots'),
 ])
 def test_bad_judge_settings_raise(kwargs, message):
   settings = dict(model=engine.llama_model_fns(CONFIG), suffixes=SUFFIXES, label_a=LABEL_A,
-                  label_b=LABEL_B, prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP,
-                  content_cap=CONTENT_CAP, chunk=CHUNK)
+                  label_b=LABEL_B, layout=LAYOUT, chunk=CHUNK)
   settings.update(kwargs)
   with pytest.raises(ValueError, match=message):
     ABJudge(**settings)
@@ -253,11 +258,10 @@ def test_judged_text_is_cut_before_a_new_turn_marker():
   stops[0] = marker
   fns = engine.llama_model_fns(CONFIG)
   recorder = RecordingForward(fns.forward)
-  model = search.ModelFns(forward=recorder, init_cache=fns.init_cache,
-                          vocab_size=fns.vocab_size, hidden_size=fns.hidden_size)
+  model = kvcache.ModelFns(forward=recorder, init_cache=fns.init_cache,
+                           vocab_size=fns.vocab_size, hidden_size=fns.hidden_size)
   judge = ABJudge(model=model, suffixes=SUFFIXES, label_a=LABEL_A, label_b=LABEL_B,
-                  prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP, content_cap=CONTENT_CAP,
-                  chunk=CHUNK, stop_sequences=stops)
+                  layout=LAYOUT, chunk=CHUNK, stop_sequences=stops)
   params = llama_recompute.scaled_params(CONFIG, seed=3, embed_scale=1.0)
   rng = np.random.default_rng(0)
   batch = 2
@@ -279,14 +283,15 @@ def test_judged_text_is_cut_before_a_new_turn_marker():
   def judge_once(gen, gen_len):
     state = judge.init_state(params, {'tokens': prefix, 'lens': jnp.full((batch,),
                                                                          PREFIX_WIDTH)})
-    state = judge.commit(params, state, jnp.asarray(gen_cut[:, :2]), answer_len,
-                         jnp.ones((batch,), bool))
-    v, _ = judge.evaluate(params, state, gen, answer_len, gen_len, active)
+    state = judge.commit(params, state, tokens=jnp.asarray(gen_cut[:, :2]), lens=answer_len,
+                         mask=jnp.ones((batch,), bool))
+    v, _ = judge.evaluate(params, state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+                          active=active)
     return v, label_logits_of_last_pass(judge, recorder)
 
   v_cut, logits_cut = judge_once(jnp.asarray(gen_cut), len_cut)
   v_full, logits_full = judge_once(jnp.asarray(gen_full), len_full)
   np.testing.assert_array_equal(v_full, v_cut)
   np.testing.assert_allclose(logits_full, logits_cut, atol=1e-6)
-  cut = search.text_before_stop_sequence(jnp.asarray(gen_full), len_full, jnp.asarray(stops))
+  cut = stopping.text_before_stop_sequence(jnp.asarray(gen_full), len_full, jnp.asarray(stops))
   assert list(np.asarray(cut)) == [2 + len(content), len(content)]

@@ -30,9 +30,8 @@ import numpy as np
 import pytest
 
 from models.presets import get_preset
-from rain_jax import engine, search
+from rain_jax import engine, search, stopping
 from rain_jax.config import RainConfig
-from rain_jax.generate import right_align_stop_sequences
 from tests import fake_jax, llama_recompute
 from tests.oracle import fake_lm
 from tests.oracle import rain_reference as ref
@@ -105,8 +104,8 @@ class RecomputedLlama:
 def search_tables():
   clause_end = np.zeros((MODEL.vocab_size,), bool)
   clause_end[list(CLAUSE_END_IDS)] = True
-  return search.SearchTables(clause_end=jnp.asarray(clause_end),
-                             stop_sequences=right_align_stop_sequences([[TURN_MARKER_ID]]),
+  return stopping.SearchTables(clause_end=jnp.asarray(clause_end),
+                             stop_sequences=stopping.right_align([[TURN_MARKER_ID]]),
                              eos_id=jnp.int32(EOS_ID))
 
 
@@ -192,7 +191,7 @@ def assert_matches_oracle(row, result):
   commits = [tuple(c) for c in result.committed]
   answer = [t for c in commits for t in c]
   assert row['answer'] == answer
-  assert search.STOP_REASONS[row['stop_reason']] == ORACLE_TO_JAX_REASON[result.stop_reason]
+  assert stopping.STOP_REASONS[row['stop_reason']] == ORACLE_TO_JAX_REASON[result.stop_reason]
   assert stats['committed_sets'] == len(result.commits)
   assert stats['simulations'] == result.simulations
   assert stats['early_stops'] == result.early_stops

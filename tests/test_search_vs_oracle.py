@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rain_jax import search
+from rain_jax import search, stopping
 from rain_jax.config import RainConfig
 from tests import fake_jax
 from tests.oracle import fake_lm
@@ -67,7 +67,7 @@ ORACLE_TO_JAX_REASON = {'eos': 'eos', 'turn_marker': 'turn_marker', 'maxlen': 'm
 def assert_same(out, row, result):
   n = out['answer_len'][row]
   assert tuple(out['answer'][row, :n]) == tuple(result.tokens)
-  assert search.STOP_REASONS[out['stop_reason'][row]] == ORACLE_TO_JAX_REASON[result.stop_reason]
+  assert stopping.STOP_REASONS[out['stop_reason'][row]] == ORACLE_TO_JAX_REASON[result.stop_reason]
   commits = out['stats']['committed_sets'][row]
   assert commits == len(result.commits)
   assert out['stats']['simulations'][row] == result.simulations
@@ -147,7 +147,7 @@ def test_tree_capacity_overflow_is_counted_and_search_degrades_gracefully():
                                 logit_scale=1.5)
   small, _ = run_jax(lm, [[3, 4, 6]], {'constant': 0.0}, [0], num_nodes=24)
   assert small['overflow'][0] > 0
-  assert search.STOP_REASONS[small['stop_reason'][0]] != 'running'
+  assert stopping.STOP_REASONS[small['stop_reason'][0]] != 'running'
   assert small['answer_len'][0] > 0
   roomy, _ = run_jax(lm, [[3, 4, 6]], {'constant': 0.0}, [0], num_nodes=2048)
   assert roomy['overflow'][0] == 0

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from models import convert, tokenizer as tokenizer_lib
-from rain_jax import config, engine, judge as judge_lib, tasks
+from rain_jax import config, engine, judge as judge_lib, kvcache, tasks
 from rain_jax.tasks import sentiment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -267,6 +267,9 @@ def test_truthfulqa_gets_the_truth_constants_and_flags_map_to_options():
 # ---------------------------------------------------------------- judge choice in the runner
 
 
+POLICY_LAYOUT = kvcache.policy_layout(config.for_task('hh'), prompt_width=64)
+
+
 def _runner(task, tok):
   model = types.SimpleNamespace(
       tokenizer=tok, config=types.SimpleNamespace(vocab_size=tok.vocab_size, hidden_size=8))
@@ -275,13 +278,13 @@ def _runner(task, tok):
 
 def test_runner_picks_the_judge_with_the_reference_ids():
   tok = tokenizer_lib.load_tokenizer(LLAMA_TOKENIZER)
-  yes_no = _runner(tasks.get_task('truthfulqa'), tok)._judge(64, 16, 16)
+  yes_no = _runner(tasks.get_task('truthfulqa'), tok)._judge(POLICY_LAYOUT, 64)
   assert isinstance(yes_no, judge_lib.YesNoJudge)
   assert set(yes_no.yes_ids) == {3869, 8241} and set(yes_no.no_ids) == {1939, 3782}
   # The suffix as it continues the judged text: no SentencePiece "▁" (29871) first.
   assert list(yes_no.suffix) == tok.encode('\nIs the answer truthful? [\\INST] ')[1:]
   assert yes_no.period[tok.encode('Hello.')[-1]] and not yes_no.period[tok.encode('Hi')[-1]]
-  ab = _runner(tasks.get_task('adv'), tok)._judge(64, 16, 16)
+  ab = _runner(tasks.get_task('adv'), tok)._judge(POLICY_LAYOUT, 64)
   assert isinstance(ab, judge_lib.ABJudge)
   assert (ab.label_a, ab.label_b) == (29909, 29933)
 
@@ -397,20 +400,21 @@ def test_yes_no_judge_matches_transformers_on_the_full_text(tiny_hf_checkpoint):
   period[list(PERIOD_IDS)] = True
   judge = judge_lib.YesNoJudge(
       model=engine.llama_model_fns(llama_config), suffix=SUFFIX, yes_ids=YES_IDS,
-      no_ids=NO_IDS, period=period, prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP,
-      content_cap=CONTENT_CAP, chunk=CHUNK)
+      no_ids=NO_IDS, period=period, chunk=CHUNK,
+      layout=kvcache.JudgeLayout(prefix_width=PREFIX_WIDTH, answer_cap=ANSWER_CAP,
+                                 content_cap=CONTENT_CAP, suffix_slots=len(SUFFIX)))
 
   @jax.jit
   def scenario(params, case):
     state = judge.init_state(params, {'tokens': case['prefix'], 'lens': case['prefix_len']})
     for k in range(case['commits'].shape[0]):
-      state = judge.commit(params, state, case['commits'][k], case['commit_lens'][k],
-                           case['commit_mask'][k])
+      state = judge.commit(params, state, tokens=case['commits'][k],
+                           lens=case['commit_lens'][k], mask=case['commit_mask'][k])
     active = jnp.ones_like(case['answer_len'], bool)
-    margin, _ = judge.margin(params, state, case['gen'], case['answer_len'],
-                             case['gen_len'], active)
-    value, _ = judge.evaluate(params, state, case['gen'], case['answer_len'],
-                              case['gen_len'], active)
+    text = dict(gen=case['gen'], answer_len=case['answer_len'], gen_len=case['gen_len'],
+                active=active)
+    margin, _ = judge.margin(params, state, **text)
+    value, _ = judge.evaluate(params, state, **text)
     return margin, value, judge.judged_length(case['gen'], case['gen_len'])
 
   rng = np.random.default_rng(0)
