@@ -201,14 +201,14 @@ def _write_synthetic(path, alignment=None):
   return {name: array.astype(np.float32) for name, (array, _) in originals.items()}
 
 
-def _oracle_metadata(path):
-  reader = gguf.GGUFReader(str(path))
+def _oracle_metadata(path, reader=None):
+  reader = reader or gguf.GGUFReader(str(path))
   return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
-def _assert_tensors_match_oracle(path, ours):
+def _assert_tensors_match_oracle(path, ours, reader=None):
   """Every tensor `ours.load`s equals `gguf.quants.dequantize` of its raw data, bit for bit."""
-  reader = gguf.GGUFReader(str(path))
+  reader = reader or gguf.GGUFReader(str(path))
   assert [t.name for t in reader.tensors] == list(ours.tensors)
   for tensor in reader.tensors:
     info = ours.tensors[tensor.name]
@@ -509,11 +509,12 @@ def test_tiny_llama_q4_k_m_loads_and_runs(tmp_path):
 @pytest.mark.integration
 def test_smollm2_matches_oracle(smollm2_gguf_path):
   ours = our_gguf.read_gguf(smollm2_gguf_path)
-  assert ours.metadata == _oracle_metadata(smollm2_gguf_path)
+  reader = gguf.GGUFReader(smollm2_gguf_path)
+  assert ours.metadata == _oracle_metadata(smollm2_gguf_path, reader)
   assert ours.metadata["llama.block_count"] == 30
   assert len(ours.metadata["tokenizer.ggml.tokens"]) == 49152
   assert {info.type_name for info in ours.tensors.values()} == {"F32", "Q8_0", "Q4_1"}
-  _assert_tensors_match_oracle(smollm2_gguf_path, ours)
+  _assert_tensors_match_oracle(smollm2_gguf_path, ours, reader)
 
 
 @pytest.mark.integration
