@@ -36,6 +36,8 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
+from models import gguf
+
 # Characters that end a clause: RAIN stops a rollout once the decoded text ends with one.
 CLAUSE_END_CHARS = (",", ".", "?", ":", ";", "\n")
 # The judge prompts end with this text; the verdict is the next token's letter.
@@ -143,7 +145,6 @@ class Tokenizer(abc.ABC):
   @classmethod
   def from_gguf(cls, path: str) -> "Tokenizer":
     """A tokenizer from the vocabulary embedded in a GGUF file."""
-    from models import gguf  # pylint: disable=import-outside-toplevel
     return cls.from_gguf_metadata(gguf.read_metadata(path))
 
   # The interface.

@@ -3,7 +3,6 @@ import dataclasses
 
 SIMILARITIES = ('minilm', 'mean_hidden', 'none')
 # Other names of the tasks (the reference calls TruthfulQA "truth").
-TASK_ALIASES = {'truth': 'truthfulqa'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +95,3 @@ class RainConfig:
   def widen_attempts(self) -> int:
     """Sampling attempts when widening (k = 2: one sample; adv three)."""
     return self.sample_attempts_factor * 2 - 1
-
-
-def for_task(task: str, **overrides) -> RainConfig:
-  """The reference constants of the task called `task` (its class's `rain_defaults`;
-  "truth" names truthfulqa), then `overrides`. ValueError for an unknown task."""
-  from rain_jax import tasks  # here: the task modules need not load with the settings
-  defaults = tasks.task_class(TASK_ALIASES.get(task, task)).rain_defaults
-  return RainConfig(**{**defaults, **overrides})

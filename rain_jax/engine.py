@@ -13,6 +13,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models import llama, registry
@@ -29,7 +30,6 @@ def bucket(length: int, size: int = LENGTH_BUCKET) -> int:
 def to_host(tree):
   """Numpy copies of (possibly sharded) arrays; across hosts, gathered from all of them."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.device_get(tree)
 
@@ -50,8 +50,19 @@ def encode_prompts(tokenizer, config, examples):
   return encoded
 
 
-def answer_record(task, tokenizer, example, prompt_ids, method, new_ids, stop_reason,
-                  batch_seconds, batch_size, compile_seconds, seed):
+@dataclasses.dataclass(frozen=True)
+class BatchRun:
+  """How a batch was answered: method ('vanilla' or 'rain'), seconds (the whole batch,
+  compile excluded), size (examples in it), compile_seconds (0 when cached), seed."""
+  method: str
+  seconds: float
+  size: int
+  compile_seconds: float
+  seed: int
+
+
+def answer_record(task, tokenizer, example, prompt_ids, new_ids, stop_reason,
+                  run: BatchRun):
   """The fields every result record has (rain_jax.run adds 'model').
 
   The response text is the task's cut (before a turn marker) of the new tokens decoded
@@ -60,12 +71,12 @@ def answer_record(task, tokenizer, example, prompt_ids, method, new_ids, stop_re
       else new_ids
   text = tokenizer.decode(text_ids, skip_special_tokens=True)
   return {
-      'id': example.id, 'task': task.name, 'method': method, 'prompt': example.prompt,
+      'id': example.id, 'task': task.name, 'method': run.method, 'prompt': example.prompt,
       'question': example.question, 'meta': example.meta, 'response': task.answer(text),
       'response_ids': new_ids, 'num_new_tokens': len(new_ids),
       'prompt_tokens': len(prompt_ids), 'stop_reason': stop_reason,
-      'seconds': batch_seconds / batch_size, 'batch_seconds': batch_seconds,
-      'batch_size': batch_size, 'compile_seconds': compile_seconds, 'seed': seed,
+      'seconds': run.seconds / run.size, 'batch_seconds': run.seconds,
+      'batch_size': run.size, 'compile_seconds': run.compile_seconds, 'seed': run.seed,
   }
 
 
@@ -83,13 +94,13 @@ def pad_batch(rows, batch_size, width):
 class VanillaRunner:
   """Vanilla decoding of a task's prompts on a mesh."""
 
-  def __init__(self, model, mesh, task, *, max_new_tokens, temperature=0.0, top_k=0,
-               top_p=1.0, seed=0):
+  def __init__(self, model, mesh, task, *, max_new_tokens,
+               sampling=generate.SamplingParams(), seed=0):
     self.model = model
     self.mesh = mesh
     self.task = task
     self.max_new_tokens = max_new_tokens
-    self.sampling = generate.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    self.sampling = sampling
     self.seed = seed
     stops = encode_stop_sequences(model.tokenizer, task.turn_marker) if task.turn_marker else []
     self.stop_sequences = stopping.right_align(stops)
@@ -115,8 +126,9 @@ class VanillaRunner:
             jax.ShapeDtypeStruct((batch_size,), jnp.uint32, sharding=rows(1)))
     compiled = generate.generate.lower(
         config, self.model.params, *args, self.stop_sequences,
-        jnp.int32(self.model.tokenizer.eos_id), max_new_tokens=self.max_new_tokens,
-        cache_len=cache_len, sampling=self.sampling, cache_sharding=cache_sharding).compile()
+        jnp.int32(self.model.tokenizer.eos_id), settings=generate.DecodeSettings(
+            max_new_tokens=self.max_new_tokens, cache_len=cache_len, sampling=self.sampling,
+            cache_sharding=cache_sharding)).compile()
     self._compiled[key] = (compiled, rows)
     return self._compiled[key], time.time() - t0
 
@@ -134,14 +146,14 @@ class VanillaRunner:
                    self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
     out = to_host(out)
     seconds = time.time() - t0
+    run = BatchRun('vanilla', seconds, len(batch), compile_seconds, self.seed)
     records = []
     sampling = {'temperature': self.sampling.temperature, 'top_k': self.sampling.top_k,
                 'top_p': self.sampling.top_p}
     for i, (ex, ids) in enumerate(batch):
       new_ids = [int(t) for t in out.tokens[i, :int(out.num_tokens[i])]]
       reason = stopping.STOP_REASONS[int(out.stop_reason[i])]
-      record = answer_record(self.task, self.model.tokenizer, ex, ids, 'vanilla', new_ids,
-                             reason, seconds, len(batch), compile_seconds, self.seed)
+      record = answer_record(self.task, self.model.tokenizer, ex, ids, new_ids, reason, run)
       records.append({**record, 'sampling': sampling})
     return records
 
@@ -269,14 +281,14 @@ class RainRunner:
     t0 = time.time()
     out = to_host(entry[1](*args))
     seconds = time.time() - t0
+    run = BatchRun('rain', seconds, len(batch), compile_seconds, self.cfg.seed)
     records = []
     for i, (ex, ids) in enumerate(batch):
       new_ids = [int(t) for t in out['answer'][i, :int(out['answer_len'][i])]]
       reason = stopping.STOP_REASONS[int(out['stop_reason'][i])]
       stats = {k: int(v[i]) for k, v in out['stats'].items()}
       record = {
-          **answer_record(self.task, self.model.tokenizer, ex, ids, 'rain', new_ids, reason,
-                          seconds, len(batch), compile_seconds, self.cfg.seed),
+          **answer_record(self.task, self.model.tokenizer, ex, ids, new_ids, reason, run),
           'search': {**stats, 'capacity_overflows': int(out['overflow'][i]),
                      'widenings': int(out['widenings'][i]),
                      'shared_updates': int(out['shared_updates'][i])},

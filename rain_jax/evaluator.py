@@ -174,9 +174,8 @@ class Evaluator:
     num_rows = prompt_tokens.shape[0]
     cache = self.model.init_cache(num_rows, layout.num_slots)
     cache, _, root_logits = kvcache.feed_tokens(
-        self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens, slot_base=0,
-        start_position=jnp.zeros((num_rows,), jnp.int32),
-        context=jnp.zeros((num_rows, layout.num_slots), bool), chunk=prompt_tokens.shape[1])
+        self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens,
+        at=kvcache.at_start(num_rows, layout.num_slots), chunk=prompt_tokens.shape[1])
     return RowState(
         cache=cache, judge=self.judge.init_state(params, judge_inputs), trunk_len=prompt_lens,
         maxlen=jnp.minimum(cfg.maxlen, prompt_lens + cfg.max_new_tokens - 1),
@@ -193,9 +192,7 @@ class Evaluator:
     lens = jnp.where(ok, lens, 0)
     cache, _, logits = kvcache.feed_tokens(
         self.model, params, rows.cache, tokens=tokens, lengths=lens,
-        slot_base=rows.trunk_len, start_position=rows.trunk_len,
-        context=kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len),
-        chunk=cfg.max_tokens_per_node)
+        at=kvcache.after_trunk(rows.trunk_len, layout.num_slots), chunk=cfg.max_tokens_per_node)
     judge = self.judge.commit(params, rows.judge, tokens=tokens, lens=lens, mask=ok)
     idx = _rows(lens)
     live = jnp.arange(cfg.max_tokens_per_node)[None, :] < lens[:, None]
@@ -265,8 +262,8 @@ class Evaluator:
     layout = self.layout
     cache, hidden, logits = kvcache.feed_tokens(
         self.model, params, cache, tokens=path_tokens, lengths=path_len,
-        slot_base=layout.path_base, start_position=rows.trunk_len,
-        context=kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len),
+        at=kvcache.Placement(layout.path_base, rows.trunk_len,
+                             kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len)),
         chunk=self.cfg.feed_chunk)
     return cache, hidden, jnp.where((path_len > 0)[:, None], logits, rows.root_logits)
 

@@ -26,6 +26,8 @@ arithmetic runs in (floating-point rounding), not what is computed.
 import dataclasses
 from typing import Any, Optional
 
+from absl import flags
+
 ANSWER = 'answer'
 SELECTION = 'selection'
 OPERATIONAL = 'operational'
@@ -111,7 +113,7 @@ TABLE = (
     Flag('top_k', 'integer', 0, 'Vanilla top-k (0 = off).'),
     Flag('top_p', 'float', 1.0, 'Vanilla nucleus top-p (1 = off).'),
     # RAIN (the task's reference constants unless set: its class's rain_defaults,
-    # applied by config.for_task).
+    # applied by tasks.rain_config).
     Flag('max_T', 'integer', None, 'Simulations per committed set (reference 50).',
          rain_field='max_T'),
     Flag('min_T', 'integer', None, 'Early stop needs the best child to have fn > min_T.',
@@ -186,7 +188,6 @@ IDENTITY_FLAGS = frozenset(flag.name for flag in TABLE if flag.identity)
 def define_flags(flag_values=None) -> None:
   """Defines every flag of TABLE with absl, in table order, as flags of the calling
   module (so `--helpshort` and `FLAGS.get_flags_for_module` list them under it)."""
-  from absl import flags
   flags.disclaim_key_flags()  # attribute the definitions below to our caller
   flag_values = flags.FLAGS if flag_values is None else flag_values
   for flag in TABLE:

@@ -7,6 +7,7 @@ its seed and the step, never on its batch neighbours.
 """
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -69,12 +70,21 @@ def sample_tokens(logits, sampling: SamplingParams, seeds, step):
   return jnp.argmax(logits + noise.gumbel(u), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'max_new_tokens', 'cache_len',
-                                             'sampling', 'cache_sharding'))
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+  """The static side of one `generate` program: max_new_tokens per row, cache_len slots
+  S (>= prompt width; a row stops with 'max_length' when it fills them), sampling, and an
+  optional NamedSharding for the KV cache."""
+  max_new_tokens: int
+  cache_len: int
+  sampling: SamplingParams = SamplingParams()
+  cache_sharding: Any = None
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'settings'))
 def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, seeds,
-             stop_sequences, eos_id, *, max_new_tokens: int, cache_len: int,
-             sampling: SamplingParams = SamplingParams(), cache_sharding=None) -> Generation:
-  """Decodes up to `max_new_tokens` per row.
+             stop_sequences, eos_id, settings: DecodeSettings) -> Generation:
+  """Decodes up to `settings.max_new_tokens` per row.
 
   Args:
     prompt_tokens: [B, P] int32, right-padded; prompt_lengths: [B] int32 (>= 1).
@@ -82,9 +92,10 @@ def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, s
     stop_sequences: [M, W] int32 from `stopping.right_align` (a row stops with
       'turn_marker' when its generated tokens end with one).
     eos_id: scalar int32; a row stops after emitting it.
-    cache_len: cache slots S (>= P; a row stops with 'max_length' when it fills them).
-    cache_sharding: optional NamedSharding for the KV cache.
+    settings: see DecodeSettings.
   """
+  max_new_tokens, cache_len = settings.max_new_tokens, settings.cache_len
+  sampling, cache_sharding = settings.sampling, settings.cache_sharding
   batch = prompt_tokens.shape[0]
   cache = llama.init_cache(config, batch, cache_len)
   if cache_sharding is not None:

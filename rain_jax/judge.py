@@ -30,8 +30,9 @@ text (`models.tokenizer.encode_continuation`: no SentencePiece word-start piece 
 the newline). For a normally tokenised answer the ids equal the one-string
 tokenisation (tests/test_judge_inputs.py); they can differ only where the policy's
 tokens are not the tokenizer's own tokenisation of their text, or where a BPE merge
-spans a seam (e.g. "\\n" + "\\n" after a rollout that ended with a newline). Verdicts are not memoised (the
-original memoises by text): a repeated text is judged again, which changes cost only.
+spans a seam (e.g. "\\n" + "\\n" after a rollout that ended with a newline). Verdicts
+are not memoised (the original memoises by text): a repeated text is judged again,
+which changes cost only.
 """
 import dataclasses
 from typing import Optional, Protocol
@@ -92,9 +93,8 @@ class TrunkCachedJudge:
     batch = tokens.shape[0]
     cache = self.model.init_cache(batch, self.layout.num_slots)
     cache, _, _ = kvcache.feed_tokens(
-        self.model, params, cache, tokens=tokens, lengths=lens, slot_base=0,
-        start_position=jnp.zeros((batch,), jnp.int32),
-        context=jnp.zeros((batch, self.layout.num_slots), bool), chunk=tokens.shape[1])
+        self.model, params, cache, tokens=tokens, lengths=lens,
+        at=kvcache.at_start(batch, self.layout.num_slots), chunk=tokens.shape[1])
     return JudgeState(cache=cache, trunk_len=lens)
 
   def commit(self, params, state, *, tokens, lens, mask):
@@ -102,9 +102,7 @@ class TrunkCachedJudge:
     lens = jnp.where(mask, lens, 0)
     cache, _, _ = kvcache.feed_tokens(
         self.model, params, state.cache, tokens=tokens, lengths=lens,
-        slot_base=state.trunk_len, start_position=state.trunk_len,
-        context=kvcache.slot_range_mask(self.layout.num_slots, 0, state.trunk_len),
-        chunk=tokens.shape[1])
+        at=kvcache.after_trunk(state.trunk_len, self.layout.num_slots), chunk=tokens.shape[1])
     return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
 
   def judged_end(self, gen, gen_len):
@@ -121,8 +119,7 @@ class TrunkCachedJudge:
     trunk = kvcache.slot_range_mask(layout.num_slots, 0, visible)
     cache, _, _ = kvcache.feed_tokens(
         self.model, params, state.cache, tokens=content, lengths=content_len,
-        slot_base=layout.content_base, start_position=visible, context=trunk,
-        chunk=self.chunk)
+        at=kvcache.Placement(layout.content_base, visible, trunk), chunk=self.chunk)
     return cache, trunk | kvcache.slot_range_mask(layout.num_slots, layout.content_base,
                                                   content_len)
 

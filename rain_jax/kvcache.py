@@ -10,14 +10,14 @@ module owns everything above that call:
     judge:  [trunk: judge prompt + committed answer][content][suffixes]
   built in one place (`policy_layout`, `judge_layout`) from the config and the prompt
   widths, so that the judge's content region always holds what the search judges.
-* `feed_tokens` (keyword-only) and `slot_range_mask`: chunked feeding into a region and
-  the masks over regions.
+* `feed_tokens` (keyword-only, placed by a `Placement`) and `slot_range_mask`: chunked
+  feeding into a region and the masks over regions.
 * `prefill` / `decode`: the two passes of vanilla decoding over a contiguous cache.
 
 Shapes: B rows, T tokens per pass, S slots, V vocabulary, H hidden size.
 """
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -152,20 +152,38 @@ def slot_range_mask(num_slots, start, length):
   return (s >= start) & (s < start + length[:, None])
 
 
-def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, slot_base,
-                start_position, context, chunk):
-  """Feeds tokens [B, X] (row b's first lengths[b] real) at slots slot_base[b] + j.
+class Placement(NamedTuple):
+  """Where fed tokens go: token j of row b at slot slot_base[b] + j (slot_base: int or
+  [B]) and position start_position[b] + j ([B]), attending context [B, S] bool plus the
+  fed slots up to itself."""
+  slot_base: Any
+  start_position: jax.Array
+  context: jax.Array
 
-  Token j of row b sits at position start_position[b] + j and attends `context` [B, S]
-  plus the fed slots up to itself; one forward pass per `chunk` tokens (X a multiple of
-  chunk; the loop runs for the longest row). slot_base: int or [B]. Returns (cache,
-  hidden [B, X, H] f32, logits [B, V] at each row's last real token; zeros where
-  lengths[b] == 0). Padding tokens write slots past the real ones, which no mask
-  includes until they are written again.
+
+def at_start(batch: int, num_slots: int) -> Placement:
+  """From slot and position 0 of an empty cache."""
+  return Placement(0, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, num_slots), bool))
+
+
+def after_trunk(trunk_len, num_slots: int) -> Placement:
+  """Right after each row's trunk of trunk_len [B] tokens (slots and positions
+  0 .. trunk_len - 1), attending the trunk."""
+  return Placement(trunk_len, trunk_len, slot_range_mask(num_slots, 0, trunk_len))
+
+
+def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, at: Placement, chunk):
+  """Feeds tokens [B, X] (row b's first lengths[b] real) where `at` places them.
+
+  One forward pass per `chunk` tokens (X a multiple of chunk; the loop runs for the
+  longest row). Returns (cache, hidden [B, X, H] f32, logits [B, V] at each row's last
+  real token; zeros where lengths[b] == 0). Padding tokens write slots past the real
+  ones, which no mask includes until they are written again.
   """
   batch, width = tokens.shape
+  start_position, context = at.start_position, at.context
   slot_ids = jnp.arange(context.shape[1])
-  base = jnp.broadcast_to(jnp.asarray(slot_base, jnp.int32), (batch,))
+  base = jnp.broadcast_to(jnp.asarray(at.slot_base, jnp.int32), (batch,))
   hidden = jnp.zeros((batch, width, model.hidden_size), jnp.float32)
   last_logits = jnp.zeros((batch, model.vocab_size), jnp.float32)
   num_chunks = -(-jnp.max(lengths) // chunk)

@@ -28,6 +28,7 @@ role: rain_jax/flag_table.py). A flag the sidecar holds but today's code no long
 import datetime
 import errno
 import fcntl
+import importlib.metadata
 import json
 import os
 import platform
@@ -232,7 +233,6 @@ def git_commit(folder: str):
 
 def library_versions() -> dict:
   """Versions of Python and the libraries the answers depend on (None: not installed)."""
-  import importlib.metadata
   versions = {'python': platform.python_version()}
   for name in ('jax', 'jaxlib', 'flax', 'numpy', 'transformers'):
     try:

@@ -63,10 +63,10 @@ def run_flag_values():
 
 def rain_config_from_flags():
   """RainConfig: the task's reference constants, then any RAIN flag the user set."""
-  from rain_jax import config
+  from rain_jax import tasks
   overrides = {field: getattr(FLAGS, name) for name, field in flag_table.RAIN_FIELDS.items()
                if getattr(FLAGS, name) is not None}
-  return config.for_task(FLAGS.task, **overrides)
+  return tasks.rain_config(FLAGS.task, **overrides)
 
 
 def main(argv):
@@ -82,7 +82,7 @@ def main(argv):
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
   import jax
-  from rain_jax import engine, loading, progress, results, sharding, tasks
+  from rain_jax import engine, generate, loading, progress, results, sharding, tasks
 
   _check_flags()
   compilation_cache = FLAGS.compilation_cache
@@ -111,11 +111,11 @@ def _run():
                              scan_layers=FLAGS.scan_layers, mesh=mesh)
   runners = {}
   if FLAGS.method in ('vanilla', 'both'):
+    sampling = generate.SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                       top_p=FLAGS.top_p)
     runners['vanilla'] = engine.VanillaRunner(model, mesh, task,
                                               max_new_tokens=FLAGS.max_new_tokens,
-                                              temperature=FLAGS.temperature,
-                                              top_k=FLAGS.top_k, top_p=FLAGS.top_p,
-                                              seed=FLAGS.seed)
+                                              sampling=sampling, seed=FLAGS.seed)
   if FLAGS.method in ('rain', 'both'):
     runners['rain'] = engine.RainRunner(model, mesh, task, rain_config_from_flags(),
                                         dump_tree=FLAGS.dump_tree)

@@ -180,11 +180,13 @@ class Searcher:
 
   # ---- selection (§3, §5)
 
-  def _widen(self, params, tree, rows, node, path, depth, need, sim):
-    """Widening at `node` [B] for trees in `need` [B]; returns (tree, rows).
+  def _widen(self, params, tree, rows, place, need, sim):
+    """Widening at the node of place = (node [B], path [B, D+1], depth [B]) for trees in
+    `need` [B]; returns (tree, rows).
 
     Multi-token widening proposes on every row with its tree's path and keeps each
     tree's first row's candidates (with P = 1 rows and trees coincide)."""
+    node, path, depth = place
     trees = jnp.arange(node.shape[0])
     first_child = jnp.maximum(tree.children[trees, node, 0], 0)
     one_token = tree.num_tokens[trees, first_child] == 1
@@ -225,7 +227,7 @@ class Searcher:
           tree, node, cfg.max_children, cfg.var_scale)
       tree, rows = jax.lax.cond(
           jnp.any(need),
-          lambda ops: self._widen(params, ops[0], ops[1], node, path, depth, need, sim),
+          lambda ops: self._widen(params, ops[0], ops[1], (node, path, depth), need, sim),
           lambda ops: ops, (tree, rows))
       child = jax.vmap(tree_lib.select_child, in_axes=(0, 0, None))(tree, node, cfg.c_puct)
       node = jnp.where(going, child, node)
@@ -265,8 +267,9 @@ class Searcher:
                          in_axes=(0, 0, 0, None))(tree, paths, depths, self.layout.path_cap)
     flat = [x.reshape((-1,) + x.shape[2:]) for x in described]      # [B, P, ...] -> [R, ...]
     active_rows = leaf_rows.spread(active)
+    leaf_index = jnp.arange(active_rows.shape[0]) % leaf_rows.leaves
     leaves = Leaves(*flat[:6], depth_limited=flat[6] & active_rows, active=active_rows,
-                    sim=leaf_rows.spread(ts.sim) + jnp.arange(active_rows.shape[0]) % leaf_rows.leaves)
+                    sim=leaf_rows.spread(ts.sim) + leaf_index)
     rows, res = self.evaluator.evaluate(params, tables, rows, leaves, embed_params)
     res = jax.tree.map(leaf_rows.unflatten, res)
     trees = jnp.arange(active.shape[0])

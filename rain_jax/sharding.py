@@ -36,7 +36,7 @@ ValueError instead.
 
 import logging
 import re
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -287,27 +287,3 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int,
                    strict: bool = False) -> NamedSharding:
   """Sharding of a [B, ...] input or output (tokens, positions, masks, logits)."""
   return NamedSharding(mesh, batch_spec(mesh.shape, ndim, batch_size, strict))
-
-
-def jit_forward(forward_fn: Callable, mesh: Mesh, params_shardings: Any,
-                cache_shape: Sequence[int], strict: bool = False) -> Callable:
-  """jax.jit of a model forward pass with its inputs and outputs placed on the mesh.
-
-  forward_fn(params, tokens[B,T], positions[B,T], cache, write_index[B],
-  attn_mask[B,T,S]) -> (logits[B,T,V], hidden[B,T,H], cache), as docs/engine.md §1
-  (e.g. functools.partial(models.llama.forward, config)). cache_shape: [L, B, S, KVH, D].
-  The cache argument is donated: the caller must use the returned cache instead.
-  """
-  cache = cache_sharding(mesh, cache_shape, strict)
-  row_axes = cache.spec[1]
-  rows = lambda ndim: NamedSharding(mesh, PartitionSpec(row_axes, *(None,) * (ndim - 1)))
-  return jax.jit(
-      forward_fn,
-      in_shardings=(params_shardings, rows(2), rows(2), cache, rows(1), rows(3)),
-      out_shardings=(rows(3), rows(3), cache),
-      donate_argnums=(3,))
-
-
-def shard_params(params: Any, shardings: Any) -> Any:
-  """Places each parameter on the mesh as its sharding says (pytrees of one structure)."""
-  return jax.device_put(params, shardings)

@@ -165,8 +165,7 @@ def run_rain(args):
                                 scan_layers=scan_layers, **args.preset_override)
     params = jax.jit(llama.init_params, static_argnums=0)(config, jax.random.PRNGKey(0))
     model = loading.LoadedModel(name=args.preset, config=config, params=params,
-                                tokenizer=tokenizer.load_tokenizer(registry.LLAMA_TOKENIZER),
-                                param_shardings=None)
+                                tokenizer=tokenizer.load_tokenizer(registry.LLAMA_TOKENIZER))
     weights = 'random (preset, seed 0)'
   else:
     name = args.model or registry.DEFAULT_MODEL
@@ -309,7 +308,7 @@ def bench_rain_jax(config, params, prompts, new_tokens, repeats):
   prefill_compile = time.perf_counter() - start
   start = time.perf_counter()
   gen = generate.generate.lower(config, params, tokens, lengths, seeds, no_stops, no_eos,
-                                max_new_tokens=new_tokens, cache_len=cache_len).compile()
+                                settings=generate.DecodeSettings(new_tokens, cache_len)).compile()
   generate_compile = time.perf_counter() - start
 
   run_prefill = lambda: prefill(params, tokens, lengths)

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from rain_jax import engine, kvcache, search, tasks
+from rain_jax import engine, kvcache, tasks
 from rain_jax.config import RainConfig
 
 

@@ -26,7 +26,6 @@ import tempfile
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from models import llama

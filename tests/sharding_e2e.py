@@ -20,6 +20,7 @@ import sys
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from models import llama
 from models.presets import get_preset
@@ -28,6 +29,24 @@ from rain_jax import generate, sharding, stopping
 NUM_DECODE_STEPS = 4
 CACHE_SLOTS = 16
 PROMPT_LEN = 6
+
+
+def jit_forward(forward_fn, mesh, params_shardings, cache_shape, strict=False):
+  """jax.jit of a model forward pass with its inputs and outputs placed on the mesh.
+
+  forward_fn(params, tokens[B,T], positions[B,T], cache, write_index[B],
+  attn_mask[B,T,S]) -> (logits[B,T,V], hidden[B,T,H], cache), as docs/engine.md §1
+  (e.g. functools.partial(models.llama.forward, config)). cache_shape: [L, B, S, KVH, D].
+  The cache argument is donated: the caller must use the returned cache instead.
+  """
+  cache = sharding.cache_sharding(mesh, cache_shape, strict)
+  row_axes = cache.spec[1]
+  rows = lambda ndim: NamedSharding(mesh, PartitionSpec(row_axes, *(None,) * (ndim - 1)))
+  return jax.jit(
+      forward_fn,
+      in_shardings=(params_shardings, rows(2), rows(2), cache, rows(1), rows(3)),
+      out_shardings=(rows(3), rows(3), cache),
+      donate_argnums=(3,))
 
 
 def make_prompts(vocab_size, batch_size):
@@ -79,8 +98,8 @@ def generate_greedy(config, params, tokens, lengths, mesh=None):
   result = generate.generate(
       config, params, tokens, lengths, np.zeros(batch, np.uint32),
       stopping.right_align([]), np.int32(-1),
-      max_new_tokens=NUM_DECODE_STEPS + 1, cache_len=CACHE_SLOTS,
-      cache_sharding=cache_sharding)
+      settings=generate.DecodeSettings(max_new_tokens=NUM_DECODE_STEPS + 1,
+                                       cache_len=CACHE_SLOTS, cache_sharding=cache_sharding))
   return np.asarray(result.tokens)
 
 
@@ -143,8 +162,8 @@ def compare_meshes(preset, mesh_specs, batch_sizes):
     mesh = sharding.make_mesh(mesh_spec)
     shardings = sharding.param_shardings(llama.param_shapes(config), mesh,
                                          head_dim=config.head_dim)
-    placed = sharding.shard_params(params, shardings)
-    step = sharding.jit_forward(forward, mesh, shardings, cache_shape)
+    placed = jax.device_put(params, shardings)
+    step = jit_forward(forward, mesh, shardings, cache_shape)
     cache = jax.device_put(llama.init_cache(config, batch_size, CACHE_SLOTS),
                            sharding.cache_sharding(mesh, cache_shape))
     logits, greedy, cache = greedy_decode(step, placed, cache, tokens[:batch_size],

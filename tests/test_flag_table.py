@@ -101,13 +101,13 @@ def test_every_task_declares_its_rain_defaults(task):
                                       ('truth', 'truth'), ('sentiment', 'hh'),
                                       ('custom', 'hh')])
 def test_for_task_gives_the_old_constants(task, old):
-  assert config.for_task(task) == config.RainConfig(**OLD_TASK_DEFAULTS[old])
-  assert config.for_task(task, max_T=3).max_T == 3
+  assert tasks.rain_config(task) == config.RainConfig(**OLD_TASK_DEFAULTS[old])
+  assert tasks.rain_config(task, max_T=3).max_T == 3
 
 
 def test_for_task_refuses_an_unknown_task():
   with pytest.raises(ValueError, match="unknown task 'nope'"):
-    config.for_task('nope')
+    tasks.rain_config('nope')
 
 
 @pytest.mark.parametrize('change', [dict(kind='text'), dict(role='other'),

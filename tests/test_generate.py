@@ -22,7 +22,7 @@ def _run(prompts, max_new=10, sampling=gen.SamplingParams(), stops=(), eos=-1, s
                      jnp.asarray([len(p) for p in prompts], jnp.int32),
                      jnp.full((len(prompts),), seed, jnp.uint32),
                      stopping.right_align(list(stops)), eos,
-                     max_new_tokens=max_new, cache_len=cache_len, sampling=sampling)
+                     settings=gen.DecodeSettings(max_new, cache_len, sampling))
   return [list(np.asarray(out.tokens[i, :out.num_tokens[i]])) for i in range(len(prompts))], \
       [stopping.STOP_REASONS[r] for r in np.asarray(out.stop_reason)]
 

@@ -11,7 +11,6 @@ The default suite uses a random tiny BERT and a hand-built WordPiece vocabulary;
 """
 import hashlib
 import io
-import json
 import os
 import shutil
 import subprocess

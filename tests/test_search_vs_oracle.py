@@ -28,9 +28,7 @@ def _searcher(lm, prompt_width, **overrides):
   if key not in _SEARCHERS:
     judge = fake_jax.ScriptedJudge(fake_jax.tables_for(lm).stop_sequences)
     _SEARCHERS[key] = search.Searcher(fns, judge, cfg, prompt_width)
-  searcher = _SEARCHERS[key]
-  searcher.model = fns  # same shapes: reuse the compiled program with this model's tables
-  return searcher, cfg
+  return _SEARCHERS[key], cfg
 
 
 def run_jax(lm, prompts, judge_kwargs, seeds, **overrides):
@@ -153,20 +151,52 @@ def test_tree_capacity_overflow_is_counted_and_search_degrades_gracefully():
   assert roomy['overflow'][0] == 0
 
 
-def test_parallel_leaves_is_a_working_non_reference_mode():
-  """P = 4 leaves per tick under virtual loss: still avoids the harmful token, runs P
-  simulations per tick, and spreads the first tick's leaves over different children."""
-  prefs = {3: {5: 3.0, 6: 2.5, 7: 1.0}, 5: {2: 3.0}, 6: {2: 3.0}, 7: {2: 3.0},
-           2: {1: 4.0}}
+class RecordingJudge(fake_jax.ScriptedJudge):
+  """ScriptedJudge that also records, per call, the judged rows' first uncommitted
+  token (the first token of the selected path, or of the rollout when the path is
+  empty; -1 for no text) and whether the row was active."""
+
+  def __init__(self, stop_sequences, calls):
+    super().__init__(stop_sequences)
+    self.calls = calls
+
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
+    first = jnp.take_along_axis(gen, answer_len[:, None], axis=1)[:, 0]
+    jax.debug.callback(lambda f, a: self.calls.append((np.asarray(f), np.asarray(a))),
+                       jnp.where(answer_len < gen_len, first, -1), active, ordered=True)
+    return super().evaluate(params, state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+                            active=active)
+
+
+def test_parallel_leaves_select_distinct_paths_under_virtual_loss():
+  """P = 4 leaves per tick under virtual loss (not the reference). The first tick finds
+  only the unexpanded root; on the second, every tree's four selections must take four
+  different root children of equal prior, since each sees the virtual losses of the
+  ones before it (plain PUCT on unchanged statistics would pick the first four times). The search
+  still avoids the harmful token and runs P simulations per tick."""
+  prefs = {3: {5: 3.0, 6: 3.0, 7: 3.0, 8: 3.0}, 5: {2: 3.0}, 6: {2: 3.0}, 7: {2: 3.0},
+           8: {2: 3.0}, 2: {1: 4.0}}
   lm = fake_lm.BigramLM(fake_lm.bigram_logits(12, prefs), np.eye(12, 8, dtype=np.float32),
                         eos_id=1, clause_end_ids=(2,))
-  out, cfg = run_jax(lm, [[4, 3], [4, 3]], {'harmful': 5}, [0, 1], parallel_leaves=4)
+  fns, params = fake_jax.bigram_model(lm)
+  cfg = RainConfig(max_T=16, min_T=3, max_new_tokens=MAX_NEW, num_nodes=512, max_depth=8,
+                   max_rollout=48, similarity='mean_hidden', parallel_leaves=4)
+  calls = []
+  judge = RecordingJudge(fake_jax.tables_for(lm).stop_sequences, calls)
+  prompts = np.asarray([[4, 3], [4, 3]], np.int32)
+  out = jax.device_get(search.Searcher(fns, judge, cfg, 2).generate(
+      params, fake_jax.tables_for(lm), jnp.asarray(prompts), jnp.asarray([2, 2], jnp.int32),
+      jnp.asarray([0, 1], jnp.uint32), fake_jax.judge_inputs(batch=2, harmful=5)))
+  assert calls[0][1].all()      # tick 1: the unexpanded root, 4 times (then its rollouts)
+  first_tokens, active = calls[1]
+  assert active.all()
+  for tree in range(2):
+    chosen = first_tokens[4 * tree:4 * tree + 4]
+    assert len(set(chosen.tolist())) == 4 and (chosen >= 0).all(), chosen
   for row in range(2):
     answer = list(out['answer'][row, :out['answer_len'][row]])
     assert answer and 5 not in answer
     assert out['stats']['simulations'][row] % 4 == 0
-    first = out['dump_stats'][row, 0]
-    assert np.sum(first[:, 1] > 0) >= 2   # real visits on at least two root children
 
 
 # ------------------------------------------- the original's per-task rules (issue 7)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from rain_jax import tree as T
+from tests import tree_queries as Q
 
 N, C, L, E = 10, 4, 3, 2
 
@@ -120,7 +121,7 @@ def test_overflow_counted_when_slots_run_out():
   assert np.asarray(tree.tokens[1:3, 0]).tolist() == [1, 2]
   # Priors stay those of the full candidate list (uniform over 4, smoothed).
   np.testing.assert_allclose(tree.prior[1:3], [0.25, 0.25], rtol=1e-6)
-  assert T.tree_stats(tree)['overflow'] == 2
+  assert Q.tree_stats(tree)['overflow'] == 2
 
 
 def _scored_tree():
@@ -300,15 +301,15 @@ def _deep_tree():
 
 def test_paths_masks_and_depths():
   tree = _deep_tree()
-  path, path_len = T.path_to_root(tree, 6, 5)
+  path, path_len = Q.path_to_root(tree, 6, 5)
   assert int(path_len) == 4 and np.asarray(path).tolist() == [0, 1, 3, 6, -1]
-  path, path_len = T.path_to_root(tree, 6, 2)
+  path, path_len = Q.path_to_root(tree, 6, 2)
   assert int(path_len) == 4 and np.asarray(path).tolist() == [0, 1]
-  assert np.flatnonzero(T.ancestor_mask(tree, 6)).tolist() == [0, 1, 3, 6]
-  assert np.asarray(T.depths(tree)).tolist() == [0, 1, 1, 2, 2, 2, 3, -1, -1, -1]
-  assert int(T.node_depth(tree, 5)) == 2
+  assert np.flatnonzero(Q.ancestor_mask(tree, 6)).tolist() == [0, 1, 3, 6]
+  assert np.asarray(Q.depths(tree)).tolist() == [0, 1, 1, 2, 2, 2, 3, -1, -1, -1]
+  assert int(Q.node_depth(tree, 5)) == 2
   assert np.flatnonzero(T.subtree_mask(tree, 1)).tolist() == [1, 3, 4, 6]
-  stats = T.tree_stats(tree)
+  stats = Q.tree_stats(tree)
   assert (int(stats['num_used']), int(stats['max_depth'])) == (7, 3)
 
 
@@ -325,8 +326,8 @@ def test_commit_frees_non_subtree_and_smooths():
   np.testing.assert_allclose(_at(tree.prior, [3, 4]), mixed / mixed.sum(), rtol=1e-6)
   assert float(tree.prior[6]) == 1.0                      # grandchildren untouched
   assert float(tree.min_q) == -1.0 and float(tree.max_q) == 1.0
-  assert np.asarray(T.ancestor_mask(tree, 6)).nonzero()[0].tolist() == [1, 3, 6]
-  assert int(T.tree_stats(tree)['max_depth']) == 2
+  assert np.asarray(Q.ancestor_mask(tree, 6)).nonzero()[0].tolist() == [1, 3, 6]
+  assert int(Q.tree_stats(tree)['max_depth']) == 2
 
 
 def test_expand_after_commit_reuses_lowest_freed_slots():
@@ -363,8 +364,8 @@ def _episode(tree, cand_weights, value, emb):
   tree = T.add_children_multi(tree, tree.root, new_tokens, new_lens, cand_weights[:2],
                               new_valid)
   leaf = tree.children[tree.root, 2]
-  path, path_len = T.path_to_root(tree, leaf, 3)
-  return tree, (selected, widen, path, path_len, T.ancestor_mask(tree, leaf))
+  path, path_len = Q.path_to_root(tree, leaf, 3)
+  return tree, (selected, widen, path, path_len, Q.ancestor_mask(tree, leaf))
 
 
 def test_jit_vmap_matches_one_by_one():

@@ -2,6 +2,7 @@
 from typing import Mapping
 
 from rain_jax import flag_table
+from rain_jax.config import RainConfig
 from rain_jax.tasks.adv import AdvTask
 from rain_jax.tasks.base import Example, Task
 from rain_jax.tasks.custom import CustomTask
@@ -11,6 +12,8 @@ from rain_jax.tasks.truthfulqa import TruthfulQATask
 
 TASKS = {'hh': HHTask, 'adv': AdvTask, 'truthfulqa': TruthfulQATask,
          'sentiment': SentimentTask, 'custom': CustomTask}
+# Other names of the same tasks (the paper calls TruthfulQA "truth").
+TASK_ALIASES = {'truth': 'truthfulqa'}
 
 # The command-line flags each task takes as constructor options (same names; declared in
 # rain_jax/flag_table.py).
@@ -27,6 +30,13 @@ def task_class(name: str) -> type:
 def get_task(name: str, **options) -> Task:
   """The task called `name`, built with its options (e.g. prompt_file for custom)."""
   return task_class(name)(**options)
+
+
+def rain_config(name: str, **overrides) -> RainConfig:
+  """The reference constants of the task called `name` (its class's `rain_defaults`;
+  "truth" names truthfulqa), then `overrides`. ValueError for an unknown task."""
+  defaults = task_class(TASK_ALIASES.get(name, name)).rain_defaults
+  return RainConfig(**{**defaults, **overrides})
 
 
 def task_options(name: str, flag_values: Mapping) -> dict:

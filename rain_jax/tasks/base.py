@@ -24,7 +24,7 @@ class Task(abc.ABC):
   examples."""
   name: str = ''
   # The reference's RAIN constants for the task (docs/algorithm.md §2, §3, §4): RainConfig
-  # fields that config.for_task sets before any flag. Every task declares its own, even
+  # fields that tasks.rain_config sets before any flag. Every task declares its own, even
   # when borrowed from another task.
   rain_defaults: Mapping[str, Any]
   # Text that starts a new conversation turn; generation stops there and the answer is
