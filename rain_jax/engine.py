@@ -9,6 +9,7 @@ compile time is measured apart from run time.
 """
 import dataclasses
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,18 +92,20 @@ def pad_batch(rows, batch_size, width):
   return tokens, lengths
 
 
+@dataclasses.dataclass(eq=False)
 class VanillaRunner:
-  """Vanilla decoding of a task's prompts on a mesh."""
+  """Vanilla decoding of a task's prompts on a mesh (model: loading.LoadedModel)."""
+  model: Any
+  mesh: Any
+  task: Any
+  _: dataclasses.KW_ONLY
+  max_new_tokens: int
+  sampling: generate.SamplingParams = generate.SamplingParams()
+  seed: int = 0
 
-  def __init__(self, model, mesh, task, *, max_new_tokens,
-               sampling=generate.SamplingParams(), seed=0):
-    self.model = model
-    self.mesh = mesh
-    self.task = task
-    self.max_new_tokens = max_new_tokens
-    self.sampling = sampling
-    self.seed = seed
-    stops = encode_stop_sequences(model.tokenizer, task.turn_marker) if task.turn_marker else []
+  def __post_init__(self):
+    marker = self.task.turn_marker
+    stops = encode_stop_sequences(self.model.tokenizer, marker) if marker else []
     self.stop_sequences = stopping.right_align(stops)
     self._compiled = {}
 

@@ -13,8 +13,8 @@ read the sets they need from it instead of keeping their own lists:
                  OPERATIONAL  how a run executes, not what it answers.
   task         the task whose constructor takes the flag as an option of the same name
                (rain_jax/tasks/__init__.py).
-  rain_field   the RainConfig field the flag sets when it is not None (rain_jax/run.py);
-               unset RAIN flags leave the task's reference constants.
+  rain         the flag sets the RainConfig field of its name when it is not None
+               (rain_jax/run.py); unset RAIN flags leave the task's reference constants.
   weights      a weight source besides a registry --model (scripts/sweep.py).
   identity     names what a report row is of (model, weights, task, prompts), so it is not
                a setting that tells rows apart (scripts/report.py).
@@ -46,7 +46,7 @@ class Flag:
   role: str = ANSWER
   enum_values: tuple = ()
   task: Optional[str] = None
-  rain_field: Optional[str] = None
+  rain: bool = False
   weights: bool = False
   identity: bool = False
 
@@ -104,44 +104,36 @@ TABLE = (
     # Decoding.
     Flag('method', 'enum', 'vanilla', 'Decoding method.',
          enum_values=('vanilla', 'rain', 'both'), role=SELECTION),
-    Flag('max_new_tokens', 'integer', 128, 'New tokens per answer at most.',
-         rain_field='max_new_tokens'),
+    Flag('max_new_tokens', 'integer', 128, 'New tokens per answer at most.', rain=True),
     Flag('batch_size', 'integer', 8, 'Prompts decoded together.', role=OPERATIONAL),
-    Flag('seed', 'integer', 0, 'Run seed (mixed with each example index).',
-         rain_field='seed'),
+    Flag('seed', 'integer', 0, 'Run seed (mixed with each example index).', rain=True),
     Flag('temperature', 'float', 0.0, 'Vanilla sampling temperature; 0 = greedy.'),
     Flag('top_k', 'integer', 0, 'Vanilla top-k (0 = off).'),
     Flag('top_p', 'float', 1.0, 'Vanilla nucleus top-p (1 = off).'),
     # RAIN (the task's reference constants unless set: its class's rain_defaults,
     # applied by tasks.rain_config).
-    Flag('max_T', 'integer', None, 'Simulations per committed set (reference 50).',
-         rain_field='max_T'),
+    Flag('max_T', 'integer', None, 'Simulations per committed set (reference 50).', rain=True),
     Flag('min_T', 'integer', None, 'Early stop needs the best child to have fn > min_T.',
-         rain_field='min_T'),
+         rain=True),
     Flag('value_threshold', 'float', None, 'Early stop needs the best child q > this (Vt).',
-         rain_field='value_threshold'),
-    Flag('c_puct', 'float', None, 'PUCT exploration constant (reference 2).',
-         rain_field='c_puct'),
+         rain=True),
+    Flag('c_puct', 'float', None, 'PUCT exploration constant (reference 2).', rain=True),
     Flag('num_candidates', 'integer', None, 'Candidates per expansion (k, reference 10).',
-         rain_field='num_candidates'),
-    Flag('max_children', 'integer', None, 'Children per node at most (reference 20).',
-         rain_field='max_children'),
+         rain=True),
+    Flag('max_children', 'integer', None, 'Children per node at most (reference 20).', rain=True),
     Flag('similarity', 'enum', 'minilm',
          'Embedding behind similarity sharing and widening: all-MiniLM-L6-v2 on the '
          'decoded text (the reference), the policy\'s mean final hidden state '
          '(L2-normalised; not the reference), or none.',
-         enum_values=('minilm', 'mean_hidden', 'none'), rain_field='similarity'),
+         enum_values=('minilm', 'mean_hidden', 'none'), rain=True),
     Flag('sim_threshold', 'float', None, 'Cosine threshold of similarity sharing (0.95).',
-         rain_field='sim_threshold'),
-    Flag('sim_weight', 'float', None, 'Weight of similarity sharing (0.2).',
-         rain_field='sim_weight'),
+         rain=True),
+    Flag('sim_weight', 'float', None, 'Weight of similarity sharing (0.2).', rain=True),
     Flag('parallel_leaves', 'integer', 1, 'Leaves judged per step (virtual loss); 1 = '
-         'reference.', rain_field='parallel_leaves'),
-    Flag('num_nodes', 'integer', None, 'Tree capacity per prompt.', rain_field='num_nodes'),
-    Flag('max_depth', 'integer', None, 'Selection depth cap below the root.',
-         rain_field='max_depth'),
-    Flag('max_rollout', 'integer', None, 'Rollout length cap (tokens).',
-         rain_field='max_rollout'),
+         'reference.', rain=True),
+    Flag('num_nodes', 'integer', None, 'Tree capacity per prompt.', rain=True),
+    Flag('max_depth', 'integer', None, 'Selection depth cap below the root.', rain=True),
+    Flag('max_rollout', 'integer', None, 'Rollout length cap (tokens).', rain=True),
     Flag('dump_tree', 'bool', False, 'Add the root children statistics at every commit '
          'to each RAIN record ("tree_dump").', role=OPERATIONAL),
     # Output.
@@ -172,8 +164,8 @@ def task_flags() -> dict:
 
 
 def rain_fields() -> dict:
-  """{flag name: the RainConfig field it sets}."""
-  return {flag.name: flag.rain_field for flag in TABLE if flag.rain_field}
+  """{flag name: the RainConfig field it sets} (the field of the same name)."""
+  return {flag.name: flag.name for flag in TABLE if flag.rain}
 
 
 ANSWER_FLAGS = names_with_role(ANSWER)

@@ -17,6 +17,7 @@ module owns everything above that call:
 Shapes: B rows, T tokens per pass, S slots, V vocabulary, H hidden size.
 """
 import dataclasses
+import itertools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -45,13 +46,23 @@ def round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
+def _lay_out(layout, sizes, ends):
+  """Sets layout.<ends[i]> to the slot after regions 0..i, the regions `sizes` laid out
+  one after another from slot 0 (a frozen dataclass's derived fields)."""
+  for name, end in zip(ends, itertools.accumulate(sizes)):
+    object.__setattr__(layout, name, end)
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyLayout:
-  """Slots of one row of the policy cache (all static ints).
+  """Slots of one row of the policy cache (static ints), region after region:
 
-  trunk_cap: prompt width + answer_cap; the trunk is prefilled once, extended on commit.
-  path_cap: the selected path's tokens, fed again each simulation (feed_chunk multiple).
-  rollout: max_rollout slots; streams: num_streams proposal streams of `stream_len`.
+    trunk    [0, path_base): prompt_width + answer_cap; prefilled once, extended on commit
+    path     [path_base, rollout_base): path_cap slots, the selected path, fed again each
+             simulation (a multiple of the feed chunk)
+    rollout  [rollout_base, stream_base): rollout_cap slots
+    streams  [stream_base, num_slots): num_streams proposal streams of stream_len slots
+
   gen_cap: the generated buffer the judges read (answer + path + rollout).
   """
   prompt_width: int
@@ -60,56 +71,40 @@ class PolicyLayout:
   rollout_cap: int
   num_streams: int
   stream_len: int
+  path_base: int = dataclasses.field(init=False)
+  rollout_base: int = dataclasses.field(init=False)
+  stream_base: int = dataclasses.field(init=False)
+  num_slots: int = dataclasses.field(init=False)
+  gen_cap: int = dataclasses.field(init=False)
 
-  @property
-  def trunk_cap(self) -> int:
-    return self.prompt_width + self.answer_cap
-
-  @property
-  def path_base(self) -> int:
-    return self.trunk_cap
-
-  @property
-  def rollout_base(self) -> int:
-    return self.path_base + self.path_cap
-
-  @property
-  def stream_base(self) -> int:
-    return self.rollout_base + self.rollout_cap
-
-  @property
-  def num_slots(self) -> int:
-    return self.stream_base + self.num_streams * self.stream_len
-
-  @property
-  def gen_cap(self) -> int:
-    return self.answer_cap + self.path_cap + self.rollout_cap
+  def __post_init__(self):
+    _lay_out(self, (self.prompt_width + self.answer_cap, self.path_cap, self.rollout_cap,
+                    self.num_streams * self.stream_len),
+             ('path_base', 'rollout_base', 'stream_base', 'num_slots'))
+    object.__setattr__(self, 'gen_cap', self.answer_cap + self.path_cap + self.rollout_cap)
 
 
 @dataclasses.dataclass(frozen=True)
 class JudgeLayout:
-  """Slots of one row of a judge's cache (all static ints).
+  """Slots of one row of a judge's cache (static ints), region after region:
 
-  trunk: the judge prompt (prefix_width) + the committed answer (answer_cap);
-  content: the uncommitted tokens judged (content_cap, a multiple of the feed chunk);
-  suffixes: suffix_slots for the judge's question(s).
+    trunk     [0, content_base): the judge prompt (prefix_width) + the committed answer
+              (answer_cap)
+    content   [content_base, suffix_base): content_cap slots for the uncommitted tokens
+              judged (a multiple of the feed chunk)
+    suffixes  [suffix_base, num_slots): suffix_slots for the judge's question(s)
   """
+  content_base: int = dataclasses.field(init=False)   # derived from the sizes below
+  suffix_base: int = dataclasses.field(init=False)
+  num_slots: int = dataclasses.field(init=False)
   prefix_width: int
   answer_cap: int
   content_cap: int
   suffix_slots: int
 
-  @property
-  def content_base(self) -> int:
-    return self.prefix_width + self.answer_cap
-
-  @property
-  def suffix_base(self) -> int:
-    return self.content_base + self.content_cap
-
-  @property
-  def num_slots(self) -> int:
-    return self.suffix_base + self.suffix_slots
+  def __post_init__(self):
+    _lay_out(self, (self.prefix_width + self.answer_cap, self.content_cap, self.suffix_slots),
+             ('content_base', 'suffix_base', 'num_slots'))
 
 
 def policy_layout(cfg: RainConfig, prompt_width: int) -> PolicyLayout:

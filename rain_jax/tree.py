@@ -82,21 +82,11 @@ class Tree:
   widenings: jax.Array
   shared_updates: jax.Array
 
-  @property
-  def num_nodes(self) -> int:
-    return self.parent.shape[-1]
-
-  @property
-  def max_children(self) -> int:
-    return self.children.shape[-1]
-
-  @property
-  def max_tokens(self) -> int:
-    return self.tokens.shape[-1]
-
-  @property
-  def embed_dim(self) -> int:
-    return self.embedding.shape[-1]
+  # The static sizes N, C, L and E, read from the array shapes (ints).
+  num_nodes = property(lambda self: self.parent.shape[-1])
+  max_children = property(lambda self: self.children.shape[-1])
+  max_tokens = property(lambda self: self.tokens.shape[-1])
+  embed_dim = property(lambda self: self.embedding.shape[-1])
 
 
 def init_tree(num_nodes, max_children, max_tokens, embed_dim, root_step=0) -> Tree:
@@ -235,15 +225,8 @@ def select_child(tree: Tree, node, c_puct) -> jax.Array:
 
 
 def most_visited_child(tree: Tree, node) -> jax.Array:
-  """The child with the largest n; ties -> larger q; then the first; -1 if none.
-
-  Args:
-    tree: the tree.
-    node: () int32, a used slot.
-
-  Returns:
-    () int32.
-  """
+  """The child of `node` (() int32, a used slot) with the largest n; ties -> larger q;
+  then the first. () int32, -1 if `node` has no child."""
   kids, valid, safe = _child_slots(tree, node)
   n = jnp.where(valid, tree.visits[safe], -jnp.inf)
   most = valid & (n == jnp.max(n))
