@@ -1,7 +1,8 @@
 """Offline evaluation of rain_jax results (issue 4 §2).
 
 * `refusal`: attack success rate on adv (the GCG refusal-substring test).
-* `ngram`: sentence BLEU-4 and ROUGE-L, written here, for the TruthfulQA metric.
+* `ngram`: BLEU and ROUGE-1/2/L through sacrebleu and rouge-score, configured as
+  TruthfulQA's evaluation calls them, for the TruthfulQA metric.
 * `truthfulqa`: reference answers and the true-minus-false similarity metric;
   `embedding`: an optional all-MiniLM-L6-v2 cosine scorer for it.
 * `sentiment`: VADER compound score of a continuation.
