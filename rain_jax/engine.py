@@ -268,6 +268,10 @@ class RainRunner:
     seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
     place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_size))
+    if self.mesh.size == 1:
+      # One device: plain arrays. A one-device NamedSharding on the inputs made the CPU
+      # search program ~7% slower (SmolLM2, 3 prompts, min of 3 runs: 79.3 s vs 73.5 s).
+      place = jnp.asarray
     args = (self.model.params, self.tables, place(tokens), place(lengths), place(seeds),
             {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, self.encoder)
     return width, judge_width, args
