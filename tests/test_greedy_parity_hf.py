@@ -37,7 +37,7 @@ def _rain_jax_greedy(config, params, prompts):
   out = gen.generate(config, params, tokens, np.array([len(p) for p in prompts], np.int32),
                      np.zeros((len(prompts),), np.uint32), stopping.right_align([]),
                      np.int32(-1), settings=gen.DecodeSettings(NEW_TOKENS, width + NEW_TOKENS))
-  assert [gen.STOP_REASONS[r] for r in np.asarray(out.stop_reason)] == (
+  assert [stopping.STOP_REASONS[r] for r in np.asarray(out.stop_reason)] == (
       ['max_new_tokens'] * len(prompts))
   return [list(map(int, row)) for row in np.asarray(out.tokens)]
 
