@@ -63,3 +63,24 @@ def smollm2_hf_model(smollm2_gguf_path):
   assert missing == ["lm_head.weight"] and not unexpected
   assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
   return model.float()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_32k_dir(tmp_path_factory):
+  """A random 2-layer LLaMA over the 32000-token LLaMA vocabulary (so the shipped LLaMA
+  tokenizer serves it), saved as HF safetensors; its folder."""
+  import torch
+  import transformers
+  directory = tmp_path_factory.mktemp("tiny-llama-32k") / "tiny-llama"
+  hf_config = transformers.LlamaConfig(
+      vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+      rms_norm_eps=1e-5, tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(hf_config).eval()
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      param.copy_((1.0 + 0.3 * torch.randn_like(param)) if name.endswith("norm.weight")
+                  else 0.2 * torch.randn_like(param))
+  model.save_pretrained(directory, safe_serialization=True)
+  return directory

@@ -28,22 +28,9 @@ MAX_T = 4
 
 
 @pytest.fixture(scope='module')
-def rain_run(tmp_path_factory):
-  """(records, stderr) of one RAIN run with --dump_tree on two custom prompts."""
-  import torch
-  import transformers
+def rain_run(tmp_path_factory, tiny_llama_32k_dir):
+  """The records of one RAIN run with --dump_tree on two custom prompts."""
   root = tmp_path_factory.mktemp('cli_rain')
-  hf_config = transformers.LlamaConfig(
-      vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-      rms_norm_eps=1e-5, tie_word_embeddings=False)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_config).eval()
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      param.copy_((1.0 + 0.3 * torch.randn_like(param)) if name.endswith('norm.weight')
-                  else 0.2 * torch.randn_like(param))
-  model.save_pretrained(root / 'tiny', safe_serialization=True)
   (root / 'judge').mkdir()
   for name, text in JUDGE_PROMPTS.items():
     (root / 'judge' / name).write_text(text)
@@ -52,7 +39,7 @@ def rain_run(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
-      [sys.executable, '-m', 'rain_jax.run', f'--hf_dir={root / "tiny"}',
+      [sys.executable, '-m', 'rain_jax.run', f'--hf_dir={tiny_llama_32k_dir}',
        f'--tokenizer={LLAMA_TOKENIZER}', '--task=custom',
        f'--prompt_file={root / "prompts.jsonl"}', f'--judge_prompts={root / "judge"}',
        '--turn_marker=Human:', '--method=rain', '--dump_tree', '--similarity=mean_hidden',

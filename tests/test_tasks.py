@@ -443,22 +443,8 @@ RAIN_FLAGS = ['--method=both', '--num_examples=2', '--batch_size=2', '--max_T=2'
 
 
 @pytest.fixture(scope='module')
-def tiny_llama_dir(tmp_path_factory):
-  """A random 2-layer LLaMA over the 32000-token LLaMA vocabulary, as HF safetensors."""
-  import transformers
-  directory = tmp_path_factory.mktemp('tasks') / 'tiny-llama'
-  hf_config = transformers.LlamaConfig(
-      vocab_size=32000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-      rms_norm_eps=1e-5, tie_word_embeddings=False)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(hf_config).eval()
-  with torch.no_grad():
-    for name, param in model.named_parameters():
-      param.copy_((1.0 + 0.3 * torch.randn_like(param)) if name.endswith('norm.weight')
-                  else 0.2 * torch.randn_like(param))
-  model.save_pretrained(directory, safe_serialization=True)
-  return directory
+def tiny_llama_dir(tiny_llama_32k_dir):
+  return tiny_llama_32k_dir
 
 
 @pytest.mark.slow

@@ -17,15 +17,7 @@ def depths(tree: T.Tree) -> jax.Array:
 
 
 def ancestor_mask(tree: T.Tree, node) -> jax.Array:
-  """`node` and its ancestors up to the current root: [N] bool.
-
-  Args:
-    tree: the tree.
-    node: () int32, a used slot.
-
-  Returns:
-    [N] bool.
-  """
+  """[N] bool: `node` (() int32, a used slot) and its ancestors up to the current root."""
   n = tree.num_nodes
 
   def keep_climbing(carry):
