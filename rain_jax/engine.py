@@ -104,9 +104,7 @@ class VanillaRunner:
   seed: int = 0
 
   def __post_init__(self):
-    marker = self.task.turn_marker
-    stops = encode_stop_sequences(self.model.tokenizer, marker) if marker else []
-    self.stop_sequences = stopping.right_align(stops)
+    self.stop_sequences = task_stop_sequences(self.model.tokenizer, self.task)
     self._compiled = {}
 
   def encode(self, examples):
@@ -219,8 +217,11 @@ class RainRunner:
       self.token_tables = token_tables(tok)
     except ValueError as e:
       raise ValueError(f'the tokenizer cannot serve the {task.name} judge: {e}') from None
-    self.tables = search_tables(tok, task, model.config.vocab_size)
+    self.tables = search_tables(tok, task, self.token_tables, model.config.vocab_size)
     self.suffixes = judge_suffix_ids(tok, task)
+    # Truth's judge cuts after the last period: one vocabulary pass, shared by all buckets.
+    self.period = (judge.period_table(tok, model.config.vocab_size)
+                   if task.judge_kind == 'yes_no' else None)
     self.fns = llama_model_fns(model.config, mesh)
     self.embedder, self.encoder = load_embedder(rain_config.similarity, tok, mesh)
     self._searchers = {}
@@ -242,7 +243,7 @@ class RainRunner:
       return judge.YesNoJudge(
           suffix=self.suffixes[0], yes_ids=tuple(int(i) for i in self.token_tables.yes_ids),
           no_ids=tuple(int(i) for i in self.token_tables.no_ids),
-          period=judge.period_table(self.model.tokenizer, self.model.config.vocab_size),
+          period=self.period,
           **common)
     return judge.ABJudge(suffixes=self.suffixes, label_a=self.token_tables.label_a,
                          label_b=self.token_tables.label_b, **common)
@@ -307,15 +308,21 @@ class RainRunner:
     return records
 
 
-def search_tables(tok, task, vocab_size) -> stopping.SearchTables:
+def task_stop_sequences(tok, task):
+  """[M, W] int32: the task's turn marker as token sequences (stopping.right_align; a
+  row of -1 when the task has none)."""
+  marker = task.turn_marker
+  return stopping.right_align(encode_stop_sequences(tok, marker) if marker else [])
+
+
+def search_tables(tok, task, tables, vocab_size) -> stopping.SearchTables:
   """The token facts the search stops on, for `task`'s turn marker on a model of
-  `vocab_size` ids (clause ends past the tokenizer's ids are False)."""
-  tables = token_tables(tok)
+  `vocab_size` ids; tables: `models.tokenizer.token_tables(tok)` (clause ends past the
+  tokenizer's ids are False)."""
   clause_end = np.zeros((vocab_size,), bool)
   clause_end[:tables.clause_end.shape[0]] = tables.clause_end
-  stops = encode_stop_sequences(tok, task.turn_marker) if task.turn_marker else []
   return stopping.SearchTables(clause_end=jnp.asarray(clause_end),
-                               stop_sequences=stopping.right_align(stops),
+                               stop_sequences=task_stop_sequences(tok, task),
                                eos_id=jnp.int32(tok.eos_id))
 
 

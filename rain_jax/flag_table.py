@@ -163,16 +163,11 @@ def task_flags() -> dict:
   return options
 
 
-def rain_fields() -> dict:
-  """{flag name: the RainConfig field it sets} (the field of the same name)."""
-  return {flag.name: flag.name for flag in TABLE if flag.rain}
-
-
 ANSWER_FLAGS = names_with_role(ANSWER)
 SELECTION_FLAGS = names_with_role(SELECTION)
 OPERATIONAL_FLAGS = names_with_role(OPERATIONAL)
 TASK_FLAGS = task_flags()
-RAIN_FIELDS = rain_fields()
+RAIN_FLAGS = tuple(flag.name for flag in TABLE if flag.rain)  # RainConfig field names
 WEIGHT_FLAGS = tuple(flag.name for flag in TABLE if flag.weights)
 IDENTITY_FLAGS = frozenset(flag.name for flag in TABLE if flag.identity)
 

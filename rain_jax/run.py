@@ -64,7 +64,7 @@ def run_flag_values():
 def rain_config_from_flags():
   """RainConfig: the task's reference constants, then any RAIN flag the user set."""
   from rain_jax import tasks
-  overrides = {field: getattr(FLAGS, name) for name, field in flag_table.RAIN_FIELDS.items()
+  overrides = {name: getattr(FLAGS, name) for name in flag_table.RAIN_FLAGS
                if getattr(FLAGS, name) is not None}
   return tasks.rain_config(FLAGS.task, **overrides)
 

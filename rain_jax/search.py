@@ -149,7 +149,7 @@ class Searcher:
     ok = mask & (child >= 0)
     safe = jnp.maximum(child, 0)
     trees = jnp.arange(child.shape[0])
-    tokens, lens = tree.tokens[trees, safe], jnp.where(ok, tree.num_tokens[trees, safe], 0)
+    tokens, lens = tree.tokens[trees, safe], tree.num_tokens[trees, safe]
     at = (trees, jnp.minimum(ts.stats['committed_sets'], cfg.max_new_tokens - 1))
     kid_tokens, kid_stats = jax.vmap(tree_lib.root_children)(tree)
     record = CommitRecord(

@@ -67,9 +67,8 @@ def test_absl_definitions_follow_the_table():
 
 def test_rain_fields_exist_in_rain_config():
   fields = {field.name for field in dataclasses.fields(config.RainConfig)}
-  assert set(flag_table.RAIN_FIELDS.values()) <= fields
-  assert set(flag_table.RAIN_FIELDS) == OLD_RAIN_FLAGS
-  assert all(name == field for name, field in flag_table.RAIN_FIELDS.items())
+  assert set(flag_table.RAIN_FLAGS) <= fields
+  assert set(flag_table.RAIN_FLAGS) == OLD_RAIN_FLAGS
 
 
 def test_derived_sets_equal_the_old_lists():

@@ -61,9 +61,11 @@ def prepare_summary(text: str) -> str:
   return text.replace(' . ', ' .\n')
 
 
+@functools.lru_cache(maxsize=4096)
 def rouge(answer: str, reference: str) -> dict:
   """{'rouge1', 'rouge2', 'rougeLsum'}: t5's ROUGE F-measures (0-100) of `answer`
-  against the single `reference`."""
+  against the single `reference` (cached: rouge1, rouge2 and rouge_l each read one
+  pair's scores, computed once; do not mutate the dict)."""
   scores = rouge_scorer().score(target=prepare_summary(reference),
                                 prediction=prepare_summary(answer))
   return {key: scores[key].fmeasure * 100 for key in ROUGE_TYPES}
