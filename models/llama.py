@@ -79,23 +79,31 @@ class LlamaConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer: k, v [L, B, S, KVH, D] in the compute dtype."""
+  """Keys and values of every layer: k, v [L, B, KVH, S, D] in the compute dtype.
+
+  Head-major, the layout attention reads (one [S, D] matrix per row and head), so a
+  write touches only the new slots and no step relays the cache out."""
   k: jax.Array
   v: jax.Array
 
   @property
   def max_len(self):
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @property
   def batch_size(self):
     return self.k.shape[1]
 
 
+def cache_shape(config: LlamaConfig, batch_size: int, max_len: int) -> tuple:
+  """[L, B, KVH, S, D]: the shape of each of KVCache.k and KVCache.v."""
+  return (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+
+
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> KVCache:
   """A zeroed cache of `max_len` slots for `batch_size` rows."""
   dtype = as_dtype(dtype or config.dtype)
-  shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+  shape = cache_shape(config, batch_size, max_len)
   return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -131,33 +139,37 @@ def apply_rotary(x, cos, sin):
 
 
 def write_cache_rows(layer_cache, new, layer, write_index):
-  """Writes new [B, T, KVH, D] into layer_cache [L, B, S, KVH, D].
+  """Writes new [B, T, KVH, D] into layer_cache [L, B, KVH, S, D] at layer `layer`.
 
   write_index: [B] (token t of row b goes to slot write_index[b] + t) or [B, T] (an
-  explicit slot per token). Slots past the end are dropped.
+  explicit slot per token). Slots past the end are dropped. Only the B*T*KVH new
+  vectors are written (one scatter into the stacked cache, no copy of it).
   """
-  batch, steps = new.shape[:2]
-  rows = jnp.arange(batch)[:, None]
+  batch, steps, heads = new.shape[:3]
   if write_index.ndim == 1:
     slots = write_index[:, None] + jnp.arange(steps)[None, :]
   else:
     slots = write_index
-  return layer_cache.at[layer, rows, slots].set(new.astype(layer_cache.dtype), mode='drop')
+  rows = jnp.arange(batch)[:, None, None]
+  head = jnp.arange(heads)[None, :, None]
+  new = jnp.swapaxes(new, 1, 2).astype(layer_cache.dtype)  # [B, KVH, T, D]
+  return layer_cache.at[layer, rows, head, slots[:, None, :]].set(new, mode='drop')
 
 
 def attention_scores_to_output(q, k, v, attn_mask, num_kv_heads):
   """Grouped-query attention with a float32 softmax.
 
-  q: [B, T, NH, D]; k, v: [B, S, KVH, D]; attn_mask: [B, T, S] bool -> [B, T, NH, D].
+  q: [B, T, NH, D]; k, v: [B, KVH, S, D] (the cache layout); attn_mask: [B, T, S] bool
+  -> [B, T, NH, D].
   """
   b, t, nh, d = q.shape
   group = nh // num_kv_heads
   q = q.reshape(b, t, num_kv_heads, group, d)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.einsum('btkgd,bksd->bkgts', q, k, preferred_element_type=jnp.float32)
   scores = scores * (d ** -0.5)
   scores = jnp.where(attn_mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  out = jnp.einsum('bkgts,bksd->btkgd', probs, v)
   return out.reshape(b, t, nh, d)
 
 

@@ -117,9 +117,8 @@ class VanillaRunner:
       return self._compiled[key], 0.0
     config = self.model.config
     cache_len = min(width + self.max_new_tokens, config.max_seq_len)
-    cache_shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads,
-                   config.head_dim)
-    cache_sharding = sharding.cache_sharding(self.mesh, cache_shape)
+    cache_sharding = sharding.cache_sharding(
+        self.mesh, llama.cache_shape(config, batch_size, cache_len))
     rows = lambda ndim: sharding.batch_sharding(self.mesh, ndim, batch_size)
     t0 = time.time()
     args = (jax.ShapeDtypeStruct((batch_size, width), jnp.int32, sharding=rows(2)),
@@ -165,8 +164,8 @@ def llama_model_fns(config, mesh=None):
   def init_cache(batch, slots):
     cache = llama.init_cache(config, batch, slots)
     if mesh is not None:
-      shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
-      cache = jax.lax.with_sharding_constraint(cache, sharding.cache_sharding(mesh, shape))
+      cache = jax.lax.with_sharding_constraint(
+          cache, sharding.cache_sharding(mesh, llama.cache_shape(config, batch, slots)))
     return cache
 
   def forward(params, tokens, positions, cache, write_index, mask, logits_index=None):

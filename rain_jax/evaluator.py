@@ -175,7 +175,8 @@ class Evaluator:
     cache = self.model.init_cache(num_rows, layout.num_slots)
     cache, _, root_logits = kvcache.feed_tokens(
         self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens,
-        at=kvcache.at_start(num_rows, layout.num_slots), chunk=prompt_tokens.shape[1])
+        at=kvcache.at_start(num_rows, layout.num_slots),
+        chunk=kvcache.prefill_chunk(prompt_tokens.shape[1]))
     return RowState(
         cache=cache, judge=self.judge.init_state(params, judge_inputs), trunk_len=prompt_lens,
         maxlen=jnp.minimum(cfg.maxlen, prompt_lens + cfg.max_new_tokens - 1),

@@ -94,7 +94,8 @@ class TrunkCachedJudge:
     cache = self.model.init_cache(batch, self.layout.num_slots)
     cache, _, _ = kvcache.feed_tokens(
         self.model, params, cache, tokens=tokens, lengths=lens,
-        at=kvcache.at_start(batch, self.layout.num_slots), chunk=tokens.shape[1])
+        at=kvcache.at_start(batch, self.layout.num_slots),
+        chunk=kvcache.prefill_chunk(tokens.shape[1]))
     return JudgeState(cache=cache, trunk_len=lens)
 
   def commit(self, params, state, *, tokens, lens, mask):

@@ -22,7 +22,7 @@ which is never sharded:
 | lm_head (engine.md: lm_head/kernel) | [H, V] | ('fsdp', 'tensor') |
 | attn_norm, mlp_norm, final_norm scale | [H] | replicated |
 
-KV cache `k, v: [L, B, S, KVH, D]`: (None, ('data', 'fsdp'), None, 'tensor', None), so
+KV cache `k, v: [L, B, KVH, S, D]`: (None, ('data', 'fsdp'), 'tensor', None, None), so
 each device holds the cache of the rows and heads it computes, matching the activations
 (batch over ('data', 'fsdp')) and the head split of wk/wv; no resharding per step.
 
@@ -245,22 +245,22 @@ def param_shardings(params_shapes: Any, mesh: Mesh, strict: bool = False, *,
 
 def cache_spec(axis_sizes: Mapping[str, int], cache_shape: Sequence[int],
                strict: bool = False) -> PartitionSpec:
-  """PartitionSpec of one KV cache array k or v: [L, B, S, KVH, D].
+  """PartitionSpec of one KV cache array k or v: [L, B, KVH, S, D].
 
   Rows over ('data', 'fsdp'), KV heads over 'tensor', layers/slots/head dim whole.
   axis_sizes: mesh axis name -> size (Mesh.shape).
   """
   if len(cache_shape) != 5:
-    raise ValueError(f'KV cache shape must be [L, B, S, KVH, D], got {tuple(cache_shape)}')
+    raise ValueError(f'KV cache shape must be [L, B, KVH, S, D], got {tuple(cache_shape)}')
   notes = []
-  spec = _resolve_spec('kv cache', cache_shape, (None, BATCH_AXES, None, 'tensor', None),
+  spec = _resolve_spec('kv cache', cache_shape, (None, BATCH_AXES, 'tensor', None, None),
                        axis_sizes, {}, notes)
   _report(notes, strict)
   return spec
 
 
 def cache_sharding(mesh: Mesh, cache_shape: Sequence[int], strict: bool = False) -> NamedSharding:
-  """Sharding of one KV cache array k or v: [L, B, S, KVH, D] (see `cache_spec`).
+  """Sharding of one KV cache array k or v: [L, B, KVH, S, D] (see `cache_spec`).
 
   A single NamedSharding is also a valid jit in/out sharding for the whole
   KVCache(k, v) pytree (a pytree prefix).

@@ -36,7 +36,7 @@ def jit_forward(forward_fn, mesh, params_shardings, cache_shape, strict=False):
 
   forward_fn(params, tokens[B,T], positions[B,T], cache, write_index[B],
   attn_mask[B,T,S]) -> (logits[B,T,V], hidden[B,T,H], cache), as docs/engine.md §1
-  (e.g. functools.partial(models.llama.forward, config)). cache_shape: [L, B, S, KVH, D].
+  (e.g. functools.partial(models.llama.forward, config)). cache_shape: [L, B, KVH, S, D].
   The cache argument is donated: the caller must use the returned cache instead.
   """
   cache = sharding.cache_sharding(mesh, cache_shape, strict)
@@ -94,7 +94,7 @@ def generate_greedy(config, params, tokens, lengths, mesh=None):
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2, batch))
     lengths = jax.device_put(lengths, sharding.batch_sharding(mesh, 1, batch))
     cache_sharding = sharding.cache_sharding(
-        mesh, (config.num_layers, batch, CACHE_SLOTS, config.num_kv_heads, config.head_dim))
+        mesh, llama.cache_shape(config, batch, CACHE_SLOTS))
   result = generate.generate(
       config, params, tokens, lengths, np.zeros(batch, np.uint32),
       stopping.right_align([]), np.int32(-1),
@@ -157,8 +157,7 @@ def compare_meshes(preset, mesh_specs, batch_sizes):
 
   results = {}
   for mesh_spec, batch_size in zip(mesh_specs, batch_sizes):
-    cache_shape = (config.num_layers, batch_size, CACHE_SLOTS, config.num_kv_heads,
-                   config.head_dim)
+    cache_shape = llama.cache_shape(config, batch_size, CACHE_SLOTS)
     mesh = sharding.make_mesh(mesh_spec)
     shardings = sharding.param_shardings(llama.param_shapes(config), mesh,
                                          head_dim=config.head_dim)

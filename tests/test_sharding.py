@@ -189,20 +189,20 @@ def test_bad_parameter_trees(shapes, fragment):
 
 
 @pytest.mark.parametrize('axis_sizes, cache_shape, expected', [
-    (sizes(2, 2, 2), (30, 8, 64, 4, 64), P(None, BATCH, None, 'tensor', None)),
-    (sizes(4, 2, 1), (30, 4, 64, 4, 64), P(None, 'data', None, 'tensor', None)),
-    (sizes(2, 4, 1), (30, 1, 64, 4, 64), P(None, None, None, 'tensor', None)),
-    (sizes(1, 1, 8), (30, 8, 64, 3, 64), P(None, BATCH, None, None, None)),
+    (sizes(2, 2, 2), (30, 8, 4, 64, 64), P(None, BATCH, 'tensor', None, None)),
+    (sizes(4, 2, 1), (30, 4, 4, 64, 64), P(None, 'data', 'tensor', None, None)),
+    (sizes(2, 4, 1), (30, 1, 4, 64, 64), P(None, None, 'tensor', None, None)),
+    (sizes(1, 1, 8), (30, 8, 3, 64, 64), P(None, BATCH, None, None, None)),
 ])
 def test_cache_spec(axis_sizes, cache_shape, expected):
   assert sharding.cache_spec(axis_sizes, cache_shape) == expected
 
 
 def test_cache_spec_errors():
-  with pytest.raises(ValueError, match=r'\[L, B, S, KVH, D\]'):
+  with pytest.raises(ValueError, match=r'\[L, B, KVH, S, D\]'):
     sharding.cache_spec(sizes(1, 1, 1), (8, 64, 4, 64))
-  with pytest.raises(ValueError, match=r"kv cache: dimension 3 \(size 3\).*'tensor' of size 8"):
-    sharding.cache_spec(sizes(1, 1, 8), (30, 8, 64, 3, 64), strict=True)
+  with pytest.raises(ValueError, match=r"kv cache: dimension 2 \(size 3\).*'tensor' of size 8"):
+    sharding.cache_spec(sizes(1, 1, 8), (30, 8, 3, 64, 64), strict=True)
 
 
 def test_batch_spec():

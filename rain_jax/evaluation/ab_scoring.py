@@ -135,7 +135,7 @@ def head_logits(config, params, hidden):
 
 @functools.partial(jax.jit, static_argnums=0)
 def prefill_prefix(config, params, tokens):
-  """KV cache [L, 1, P, KVH, D] of one prompt tokens [1, P] at positions 0..P-1."""
+  """KV cache [L, 1, KVH, P, D] of one prompt tokens [1, P] at positions 0..P-1."""
   length = tokens.shape[1]
   cache = llama.init_cache(config, 1, length)
   positions = jnp.arange(length, dtype=jnp.int32)[None]
@@ -150,18 +150,18 @@ def label_logprobs_after_prefix(config, params, prefix_cache, tokens, positions,
                                 read_index, label_ids):
   """Log-probabilities [B, R, 2] of labels (A, B) after R read tokens of each row.
 
-  prefix_cache: KVCache of the shared prefix, [L, 1, P, KVH, D]. tokens, positions:
+  prefix_cache: KVCache of the shared prefix, [L, 1, KVH, P, D]. tokens, positions:
   [B, W] (positions counted from the prefix end). inner_mask: [B, W, W] bool among the
   row's tokens (every token also sees the whole prefix). read_index: [B, R] int32, the
   tokens whose next-token distributions are read. label_ids: [2] int32.
   """
   batch, width = tokens.shape
-  prefix_len = prefix_cache.k.shape[2]
+  prefix_len = prefix_cache.max_len
 
   def rows(x):
     copies = jnp.broadcast_to(x, x.shape[:1] + (batch,) + x.shape[2:])
-    room = jnp.zeros(x.shape[:1] + (batch, width) + x.shape[3:], x.dtype)
-    return jnp.concatenate([copies, room], axis=2)
+    room = jnp.zeros(x.shape[:1] + (batch,) + x.shape[2:3] + (width,) + x.shape[4:], x.dtype)
+    return jnp.concatenate([copies, room], axis=3)
 
   cache = llama.KVCache(k=rows(prefix_cache.k), v=rows(prefix_cache.v))
   mask = jnp.concatenate([jnp.ones((batch, width, prefix_len), bool), inner_mask], axis=2)
