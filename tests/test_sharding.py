@@ -268,7 +268,7 @@ def check_runs(report, runs):
     rows = BATCH if int(batch) % (axis_sizes['data'] * axis_sizes['fsdp']) == 0 else 'data'
     check_mesh_run(report[preset]['meshes'][f'{mesh} B={batch}'],
                    expected_specs(kv_tensor=kv_tensor, lm_head=preset == 'tiny-mha'),
-                   P(None, rows, None, 'tensor' if kv_tensor else None, None), axis_sizes)
+                   P(None, rows, 'tensor' if kv_tensor else None, None, None), axis_sizes)
   for preset in {run.split('/')[0] for run in runs}:
     assert 1.0 < report[preset]['max_abs_logit'] < 10.0
     greedy = report[preset]['greedy']
