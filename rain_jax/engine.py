@@ -4,8 +4,10 @@
 answers with the RAIN search (rain_jax/search.py), building the task's judge
 (rain_jax/judge.py) and the cache layouts (rain_jax/kvcache.py) it needs. Both place
 their inputs on the mesh with batch shardings. Prompt lengths are bucketed (multiples of
-64) and short batches padded to the batch size, so a run compiles once per bucket;
-compile time is measured apart from run time.
+64, or the few widths `plan_widths` chooses for a whole run) and short batches padded to
+the batch size, so a run compiles once per width. Programs compile from abstract
+arguments (rain_jax/programs.py), so they exist, with their memory use, before any
+weight is loaded; compile time is measured apart from run time.
 """
 import dataclasses
 import time
@@ -19,7 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models import llama, registry
 from models.tokenizer import encode_continuation, encode_stop_sequences, token_tables
-from rain_jax import generate, judge, kvcache, noise, search, sharding, similarity, stopping
+from rain_jax import (generate, judge, kvcache, noise, programs, search, sharding, similarity,
+                      stopping)
 
 LENGTH_BUCKET = 64
 
@@ -92,6 +95,35 @@ def pad_batch(rows, batch_size, width):
   return tokens, lengths
 
 
+def param_placement(config, mesh) -> programs.ParamPlacement:
+  """The parameters' shardings on `mesh` (None: no mesh, default placement)."""
+  if mesh is None:
+    return programs.ParamPlacement(shardings=None)
+  return programs.ParamPlacement(sharding.param_shardings(
+      llama.param_shapes(config), mesh, head_dim=config.head_dim))
+
+
+def abstract_params(config, placement: programs.ParamPlacement):
+  """The parameter tree as ShapeDtypeStructs on their shardings (no memory)."""
+  shapes = llama.param_shapes(config)
+  if placement.shardings is None:
+    return shapes
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                      shapes, placement.shardings)
+
+
+class _PlacedParams:
+  """The model's parameters in the layouts the programs take (placed once)."""
+
+  def __init__(self):
+    self._source = self._placed = None
+
+  def get(self, params, placement: programs.ParamPlacement):
+    if params is not self._source:
+      self._source, self._placed = params, placement.place(params)
+    return self._placed
+
+
 @dataclasses.dataclass(eq=False)
 class VanillaRunner:
   """Vanilla decoding of a task's prompts on a mesh (model: loading.LoadedModel)."""
@@ -103,50 +135,74 @@ class VanillaRunner:
   sampling: generate.SamplingParams = generate.SamplingParams()
   seed: int = 0
 
+  placement: programs.ParamPlacement | None = None
+
   def __post_init__(self):
     self.stop_sequences = task_stop_sequences(self.model.tokenizer, self.task)
-    self._compiled = {}
+    if self.placement is None:
+      self.placement = param_placement(self.model.config, self.mesh)
+    self._programs = {}
+    self._params = _PlacedParams()
 
   def encode(self, examples):
     return encode_prompts(self.model.tokenizer, self.model.config, examples)
 
-  def _executable(self, batch_size, width):
-    """(compiled generate for [batch_size, width] prompts, compile seconds or 0 if cached)."""
-    key = (batch_size, width)
-    if key in self._compiled:
-      return self._compiled[key], 0.0
-    config = self.model.config
-    cache_len = min(width + self.max_new_tokens, config.max_seq_len)
-    cache_sharding = sharding.cache_sharding(
-        self.mesh, llama.cache_shape(config, batch_size, cache_len))
-    rows = lambda ndim: sharding.batch_sharding(self.mesh, ndim, batch_size)
-    t0 = time.time()
-    args = (jax.ShapeDtypeStruct((batch_size, width), jnp.int32, sharding=rows(2)),
-            jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows(1)),
-            jax.ShapeDtypeStruct((batch_size,), jnp.uint32, sharding=rows(1)))
-    compiled = generate.generate.lower(
-        config, self.model.params, *args, self.stop_sequences,
-        jnp.int32(self.model.tokenizer.eos_id), settings=generate.DecodeSettings(
-            max_new_tokens=self.max_new_tokens, cache_len=cache_len, sampling=self.sampling,
-            cache_sharding=cache_sharding)).compile()
-    self._compiled[key] = (compiled, rows)
-    return self._compiled[key], time.time() - t0
+  def longest(self, batch):
+    """(longest prompt, 0): the lengths a batch's program must hold."""
+    return max(len(ids) for _, ids in batch), 0
 
-  def run_batch(self, batch, batch_size):
-    """batch: list of (Example, prompt ids). Returns one record per example."""
+  def widths(self, batch):
+    """(prompt width, 0) of the default buckets for `batch`."""
+    return min(bucket(self.longest(batch)[0]), self.model.config.max_seq_len - 1), 0
+
+  def _rows(self, ndim, batch_size):
+    return sharding.batch_sharding(self.mesh, ndim, batch_size) if self.mesh else None
+
+  def program(self, batch_size, prompt_width, judge_width=0) -> programs.Program:
+    """The compiled generate for [batch_size, prompt_width] prompts (compiled once)."""
+    key = (batch_size, prompt_width)
+    if key not in self._programs:
+      config = self.model.config
+      cache_len = min(prompt_width + self.max_new_tokens, config.max_seq_len)
+      settings = generate.DecodeSettings(
+          max_new_tokens=self.max_new_tokens, cache_len=cache_len, sampling=self.sampling,
+          cache_sharding=(sharding.cache_sharding(
+              self.mesh, llama.cache_shape(config, batch_size, cache_len))
+              if self.mesh else None))
+      rows = lambda ndim: self._rows(ndim, batch_size)
+      jitted = jax.jit(
+          lambda *a: generate.generate_fn(config, *a, settings=settings),
+          in_shardings=(self.placement.in_spec(), rows(2), rows(1), rows(1), None, None))
+      args = (abstract_params(config, self.placement),
+              jax.ShapeDtypeStruct((batch_size, prompt_width), jnp.int32, sharding=rows(2)),
+              jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows(1)),
+              jax.ShapeDtypeStruct((batch_size,), jnp.uint32, sharding=rows(1)),
+              *abstract_like((self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id)),
+                             self.mesh))
+      self._programs[key] = programs.compile_program('vanilla', batch_size, prompt_width, 0,
+                                                     jitted, args, self.placement)
+    return self._programs[key]
+
+  def run_batch(self, batch, batch_size, widths=None):
+    """batch: list of (Example, prompt ids); widths: (prompt width, 0) from a plan
+    (default: `self.widths(batch)`). Returns one record per example."""
     examples = [ex for ex, _ in batch]
-    width = min(bucket(max(len(ids) for _, ids in batch)), self.model.config.max_seq_len - 1)
-    (compiled, rows), compile_seconds = self._executable(batch_size, width)
+    width, _ = widths or self.widths(batch)
+    fresh = (batch_size, width) not in self._programs
+    program = self.program(batch_size, width)
     tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
     seeds = np.array([noise.row_seed(self.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
+    put = lambda x: jax.device_put(x, self._rows(x.ndim, batch_size)) if self.mesh \
+        else jnp.asarray(x)
+    params = self._params.get(self.model.params, self.placement)
     t0 = time.time()
-    out = compiled(self.model.params, jax.device_put(tokens, rows(2)),
-                   jax.device_put(lengths, rows(1)), jax.device_put(seeds, rows(1)),
-                   self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
+    out = program.compiled(params, put(tokens), put(lengths), put(seeds),
+                           self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
     out = to_host(out)
     seconds = time.time() - t0
-    run = BatchRun('vanilla', seconds, len(batch), compile_seconds, self.seed)
+    run = BatchRun('vanilla', seconds, len(batch),
+                   program.compile_seconds if fresh else 0.0, self.seed)
     records = []
     sampling = {'temperature': self.sampling.temperature, 'top_k': self.sampling.top_k,
                 'top_p': self.sampling.top_p}
@@ -188,22 +244,34 @@ def judge_suffix_ids(tok, task) -> tuple:
   return tuple(tuple(encode_continuation(tok, s)) for s in task.judge_suffixes())
 
 
-def load_embedder(similarity_kind, policy_tokenizer, mesh=None):
-  """(embedder, encoder params) for `RainConfig.similarity`: all-MiniLM-L6-v2 (fetched
-  by the registry, replicated over the mesh) for 'minilm'; (None, None) otherwise."""
+def load_embedder(similarity_kind, policy_tokenizer):
+  """(embedder, encoder params on the host) for `RainConfig.similarity`:
+  all-MiniLM-L6-v2 (fetched by the registry) for 'minilm'; (None, None) otherwise."""
   if similarity_kind != 'minilm':
     return None, None
-  embedder, encoder = similarity.MiniLMEmbedder.load(policy_tokenizer,
-                                                     registry.minilm_files())
-  if mesh is not None:
-    encoder = jax.device_put(encoder, NamedSharding(mesh, PartitionSpec()))
-  return embedder, encoder
+  return similarity.MiniLMEmbedder.load(policy_tokenizer, registry.minilm_files())
+
+
+def abstract_like(tree, mesh):
+  """ShapeDtypeStructs of a pytree of small arrays, replicated over `mesh` (if any)."""
+  where = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=where),
+                      tree)
+
+
+def replicate(tree, mesh):
+  """A pytree of small arrays on every device of `mesh` (default device without one)."""
+  if mesh is None:
+    return jax.tree.map(jnp.asarray, tree)
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 class RainRunner:
   """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
 
-  def __init__(self, model, mesh, task, rain_config, dump_tree=False):
+  def __init__(self, model, mesh, task, rain_config, dump_tree=False, placement=None):
+    """placement: the parameters' programs.ParamPlacement, shared with the run's other
+    runners (default: this runner's own, from the mesh)."""
     if task.judge_kind not in ('ab', 'yes_no'):
       raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.model = model
@@ -222,13 +290,16 @@ class RainRunner:
     self.period = (judge.period_table(tok, model.config.vocab_size)
                    if task.judge_kind == 'yes_no' else None)
     self.fns = llama_model_fns(model.config, mesh)
-    self.embedder, self.encoder = load_embedder(rain_config.similarity, tok, mesh)
-    self._searchers = {}
+    self.embedder, self.encoder = load_embedder(rain_config.similarity, tok)
+    self._on_mesh = None  # (tables, encoder) on the mesh, placed at the first batch
+    self.placement = placement or param_placement(model.config, mesh)
+    self._programs = {}
+    self._params = _PlacedParams()
 
   def encode(self, examples):
     return encode_prompts(self.model.tokenizer, self.model.config, examples)
 
-  def _judge(self, policy_layout, judge_width):
+  def judge_for(self, policy_layout, judge_width):
     """The self-evaluation the task asks for (task.judge_kind): ABJudge or YesNoJudge,
     its cache sized from the search's (kvcache.judge_layout)."""
     kind = judge.YesNoJudge if self.task.judge_kind == 'yes_no' else judge.ABJudge
@@ -247,46 +318,88 @@ class RainRunner:
     return judge.ABJudge(suffixes=self.suffixes, label_a=self.token_tables.label_a,
                          label_b=self.token_tables.label_b, **common)
 
-  def _searcher(self, prompt_width, judge_width):
-    """[Searcher, compiled generate or None] for prompts of these padded widths."""
-    key = (prompt_width, judge_width)
-    if key not in self._searchers:
-      task_judge = self._judge(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
-      self._searchers[key] = [search.Searcher(self.fns, task_judge, self.cfg, prompt_width,
-                                              self.embedder), None]
-    return self._searchers[key]
+  def longest(self, batch):
+    """(longest prompt, longest judge prompt) of a batch, in tokens."""
+    tok = self.model.tokenizer
+    return (max(len(ids) for _, ids in batch),
+            max(len(judge_prompt_ids(tok, self.task, ex)) for ex, _ in batch))
 
-  def _inputs(self, batch, batch_size):
-    """(prompt width, judge width, the searcher's arguments placed on the mesh)."""
+  def widths(self, batch):
+    """(prompt width, judge width) of the default buckets for `batch`."""
+    prompt, judge_len = self.longest(batch)
+    return min(bucket(prompt), self.model.config.max_seq_len - 1), bucket(judge_len)
+
+  def _rows(self, ndim, batch_size):
+    # One device: no sharding. A one-device NamedSharding on the inputs made the CPU
+    # search program ~7% slower (SmolLM2, 3 prompts, min of 3 runs: 79.3 s vs 73.5 s).
+    if self.mesh is None or self.mesh.size == 1:
+      return None
+    return sharding.batch_sharding(self.mesh, ndim, batch_size)
+
+  def program(self, batch_size, prompt_width, judge_width) -> programs.Program:
+    """The compiled search for [batch_size, prompt_width] prompts and judge prompts of
+    judge_width tokens (compiled once)."""
+    key = (batch_size, prompt_width, judge_width)
+    if key not in self._programs:
+      task_judge = self.judge_for(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
+      searcher = search.Searcher(self.fns, task_judge, self.cfg, prompt_width, self.embedder,
+                                 mesh=self.mesh)
+      rows = lambda ndim: self._rows(ndim, batch_size)
+      abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
+                                                           sharding=rows(len(shape)))
+      jitted = jax.jit(searcher.generate_fn, in_shardings=(
+          self.placement.in_spec(), None, rows(2), rows(1), rows(1),
+          {'tokens': rows(2), 'lens': rows(1)}, None))
+      args = (abstract_params(self.model.config, self.placement),
+              abstract_like(self.tables, self.mesh),
+              abstract((batch_size, prompt_width), jnp.int32),
+              abstract((batch_size,), jnp.int32), abstract((batch_size,), jnp.uint32),
+              {'tokens': abstract((batch_size, judge_width), jnp.int32),
+               'lens': abstract((batch_size,), jnp.int32)},
+              abstract_like(self.encoder, self.mesh))
+      self._programs[key] = programs.compile_program('rain', batch_size, prompt_width,
+                                                     judge_width, jitted, args, self.placement)
+    return self._programs[key]
+
+  def tree_shapes(self, batch_size):
+    """The search tree state of a batch, as ShapeDtypeStructs (what a program holds
+    besides its caches; independent of the prompt widths)."""
+    width = bucket(1)
+    task_judge = self.judge_for(kvcache.policy_layout(self.cfg, width), bucket(1))
+    searcher = search.Searcher(self.fns, task_judge, self.cfg, width, self.embedder)
+    return jax.eval_shape(lambda: searcher.init_trees(batch_size))
+
+  def _inputs(self, batch, batch_size, prompt_width, judge_width):
+    """The search's arguments for `batch`, placed on the mesh."""
     examples = [ex for ex, _ in batch]
     tok = self.model.tokenizer
-    width = min(bucket(max(len(ids) for _, ids in batch)), self.model.config.max_seq_len - 1)
     judge_rows = [judge_prompt_ids(tok, self.task, ex) for ex in examples]
-    judge_width = bucket(max(len(r) for r in judge_rows))
-    tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
+    tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, prompt_width)
     judge_tokens, judge_lens = pad_batch(judge_rows, batch_size, judge_width)
     seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
-    place = lambda x: jax.device_put(x, sharding.batch_sharding(self.mesh, x.ndim, batch_size))
-    if self.mesh.size == 1:
-      # One device: plain arrays. A one-device NamedSharding on the inputs made the CPU
-      # search program ~7% slower (SmolLM2, 3 prompts, min of 3 runs: 79.3 s vs 73.5 s).
-      place = jnp.asarray
-    args = (self.model.params, self.tables, place(tokens), place(lengths), place(seeds),
-            {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, self.encoder)
-    return width, judge_width, args
 
-  def run_batch(self, batch, batch_size):
-    """batch: list of (Example, prompt ids) -> one record per example."""
-    width, judge_width, args = self._inputs(batch, batch_size)
-    entry = self._searcher(width, judge_width)
-    compile_seconds = 0.0
-    if entry[1] is None:
-      t0 = time.time()
-      entry[1] = entry[0].generate.lower(*args).compile()
-      compile_seconds = time.time() - t0
+    def place(x):
+      rows = self._rows(x.ndim, batch_size)
+      return jnp.asarray(x) if rows is None else jax.device_put(x, rows)
+
+    if self._on_mesh is None:
+      self._on_mesh = replicate((self.tables, self.encoder), self.mesh)
+    tables, encoder = self._on_mesh
+    return (self._params.get(self.model.params, self.placement), tables, place(tokens),
+            place(lengths), place(seeds),
+            {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, encoder)
+
+  def run_batch(self, batch, batch_size, widths=None):
+    """batch: list of (Example, prompt ids); widths: (prompt width, judge width) from a
+    plan (default: `self.widths(batch)`). Returns one record per example."""
+    prompt_width, judge_width = widths or self.widths(batch)
+    fresh = (batch_size, prompt_width, judge_width) not in self._programs
+    program = self.program(batch_size, prompt_width, judge_width)
+    compile_seconds = program.compile_seconds if fresh else 0.0
+    args = self._inputs(batch, batch_size, prompt_width, judge_width)
     t0 = time.time()
-    out = to_host(entry[1](*args))
+    out = to_host(program.compiled(*args))
     seconds = time.time() - t0
     run = BatchRun('rain', seconds, len(batch), compile_seconds, self.cfg.seed)
     records = []
@@ -305,6 +418,40 @@ class RainRunner:
         record['tree_dump'] = tree_dump(self.model.tokenizer, out, i, stats['committed_sets'])
       records.append(record)
     return records
+
+
+def make_runners(model, mesh, task, method, *, max_new_tokens, sampling, seed, rain_config,
+                 dump_tree=False) -> dict:
+  """{'vanilla': VanillaRunner, 'rain': RainRunner} as `method` ('vanilla', 'rain' or
+  'both') asks, sharing one parameter placement (so they take the same layouts)."""
+  placement = param_placement(model.config, mesh)
+  runners = {}
+  if method in ('vanilla', 'both'):
+    runners['vanilla'] = VanillaRunner(model, mesh, task, max_new_tokens=max_new_tokens,
+                                       sampling=sampling, seed=seed, placement=placement)
+  if method in ('rain', 'both'):
+    runners['rain'] = RainRunner(model, mesh, task, rain_config, dump_tree=dump_tree,
+                                 placement=placement)
+  return runners
+
+
+def plan_batches(runner, todo, batch_size, max_programs):
+  """[(batch, widths)]: `todo` (list of (Example, prompt ids)) cut into batches of
+  `batch_size` in order, each with the padded widths its program takes: at most
+  `max_programs` prompt widths (programs.choose_widths), and for RAIN one judge width
+  per prompt width (the longest judge prompt of the batches that share it)."""
+  batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+  if not batches:
+    return []
+  longest = [runner.longest(batch) for batch in batches]
+  cap = runner.model.config.max_seq_len - 1
+  widths = [min(w, cap) for w in programs.choose_widths(
+      [p for p, _ in longest], max_programs, LENGTH_BUCKET)]
+  prompt = [programs.padded_width(p, widths) for p, _ in longest]
+  judge = {}
+  for width, (_, judge_len) in zip(prompt, longest):
+    judge[width] = max(judge.get(width, 0), bucket(judge_len) if judge_len else 0)
+  return [(batch, (width, judge[width])) for batch, width in zip(batches, prompt)]
 
 
 def task_stop_sequences(tok, task):

@@ -77,6 +77,12 @@ TABLE = (
          'unroll them (faster decoding on GPU/TPU).', role=OPERATIONAL),
     Flag('mesh', 'string', '-1,1,1', 'Device mesh data,fsdp,tensor; -1 = the rest.',
          role=OPERATIONAL),
+    Flag('max_programs', 'integer', 3, 'At most this many padded prompt widths (one '
+         'compiled program each) per method and batch size; each batch pads to the '
+         'nearest one that holds it.', role=OPERATIONAL),
+    Flag('device_memory_gib', 'float', None, 'Memory of one device to check the compiled '
+         'programs against before the weights load (default: what the runtime reports; '
+         'the CPU reports none).', role=OPERATIONAL),
     Flag('distributed', 'bool', False, 'Call jax.distributed.initialize() (multi-host).',
          role=OPERATIONAL),
     # Task.
@@ -170,6 +176,12 @@ TASK_FLAGS = task_flags()
 RAIN_FLAGS = tuple(flag.name for flag in TABLE if flag.rain)  # RainConfig field names
 WEIGHT_FLAGS = tuple(flag.name for flag in TABLE if flag.weights)
 IDENTITY_FLAGS = frozenset(flag.name for flag in TABLE if flag.identity)
+
+
+def rain_overrides(flag_values) -> dict:
+  """{RainConfig field: value} of the RAIN flags set (not None) in `flag_values`."""
+  return {name: getattr(flag_values, name) for name in RAIN_FLAGS
+          if getattr(flag_values, name) is not None}
 
 
 def define_flags(flag_values=None) -> None:

@@ -6,7 +6,6 @@ counter-based noise of `rain_jax.noise` (purpose VANILLA), so a row's draws depe
 its seed and the step, never on its batch neighbours.
 """
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -81,9 +80,8 @@ class DecodeSettings:
   cache_sharding: Any = None
 
 
-@functools.partial(jax.jit, static_argnames=('config', 'settings'))
-def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, seeds,
-             stop_sequences, eos_id, settings: DecodeSettings) -> Generation:
+def generate_fn(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, seeds,
+                stop_sequences, eos_id, settings: DecodeSettings) -> Generation:
   """Decodes up to `settings.max_new_tokens` per row.
 
   Args:
@@ -139,3 +137,8 @@ def generate(config: llama.LlamaConfig, params, prompt_tokens, prompt_lengths, s
   state = (jnp.int32(1), first, cache, out, reason, num)
   _, _, _, out, reason, num = jax.lax.while_loop(cond, body, state)
   return Generation(tokens=out, num_tokens=num, stop_reason=reason)
+
+
+# The same, jitted with the config and settings static (generate_fn is for callers that
+# jit it themselves, with shardings and parameter layouts: rain_jax.engine).
+generate = jax.jit(generate_fn, static_argnames=('config', 'settings'))

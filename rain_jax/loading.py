@@ -14,13 +14,17 @@ class LoadedModel:
   Attributes:
     name: the registry name, or the weight file / directory's base name.
     config: the architecture (from the GGUF metadata, config.json or the checkpoint).
-    params: the parameter tree, on the mesh's parameter shardings when a mesh was given.
+    params: the parameter tree, on the mesh's parameter shardings when a mesh was given;
+      None until `load_params` (a model from `describe_model`).
     tokenizer: the model's tokenizer.
+    source: (format 'gguf' | 'hf' | 'orbax', path) of the weights; None when the
+      parameters were made in memory.
   """
   name: str
   config: llama.LlamaConfig
-  params: dict
+  params: dict | None
   tokenizer: Tokenizer
+  source: tuple | None = None
 
 
 def _weights_location(model, checkpoint, hf_dir, gguf_path):
@@ -71,24 +75,41 @@ def _config(fmt, path, dtype, scan_layers):
   return saved.replace(dtype=dtype)
 
 
-def load_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None, tokenizer=None,
-               dtype='float32', scan_layers=True, mesh=None) -> LoadedModel:
-  """Loads weights straight into the mesh's parameter shardings (None: default device)."""
+def describe_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None,
+                   tokenizer=None, dtype='float32', scan_layers=True) -> LoadedModel:
+  """The model's name, architecture and tokenizer, without its weights (params None):
+  enough to compile its programs and check that they fit before loading anything."""
   fmt, path, registry_tokenizer, name = _weights_location(model, checkpoint, hf_dir,
                                                           gguf_path)
   config = _config(fmt, path, dtype, scan_layers)
-  shardings = None
-  if mesh is not None:
-    shardings = sharding.param_shardings(llama.param_shapes(config), mesh,
-                                         head_dim=config.head_dim)
-  if fmt == 'gguf':
-    params = convert.params_from_gguf(path, config, shardings=shardings)
-  elif fmt == 'hf':
-    params = convert.params_from_hf_dir(path, config, shardings=shardings)
-  else:
-    params = convert.restore_params(path, config, shardings=shardings)
   tok = load_tokenizer(_find_tokenizer(fmt, path, tokenizer, registry_tokenizer))
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f'tokenizer has {tok.vocab_size} tokens but the model only '
                      f'{config.vocab_size}')
-  return LoadedModel(name=name, config=config, params=params, tokenizer=tok)
+  return LoadedModel(name=name, config=config, params=None, tokenizer=tok,
+                     source=(fmt, path))
+
+
+def load_params(model: LoadedModel, shardings=None):
+  """The weights of a described model, loaded straight into `shardings` (a pytree of
+  NamedSharding like the parameters; None: the default device)."""
+  fmt, path = model.source
+  if fmt == 'gguf':
+    return convert.params_from_gguf(path, model.config, shardings=shardings)
+  if fmt == 'hf':
+    return convert.params_from_hf_dir(path, model.config, shardings=shardings)
+  return convert.restore_params(path, model.config, shardings=shardings)
+
+
+def load_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None, tokenizer=None,
+               dtype='float32', scan_layers=True, mesh=None) -> LoadedModel:
+  """Loads weights straight into the mesh's parameter shardings (None: default device)."""
+  loaded = describe_model(model=model, checkpoint=checkpoint, hf_dir=hf_dir,
+                          gguf_path=gguf_path, tokenizer=tokenizer, dtype=dtype,
+                          scan_layers=scan_layers)
+  shardings = None
+  if mesh is not None:
+    shardings = sharding.param_shardings(llama.param_shapes(loaded.config), mesh,
+                                         head_dim=loaded.config.head_dim)
+  loaded.params = load_params(loaded, shardings)
+  return loaded

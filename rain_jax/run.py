@@ -64,9 +64,7 @@ def run_flag_values():
 def rain_config_from_flags():
   """RainConfig: the task's reference constants, then any RAIN flag the user set."""
   from rain_jax import tasks
-  overrides = {name: getattr(FLAGS, name) for name in flag_table.RAIN_FLAGS
-               if getattr(FLAGS, name) is not None}
-  return tasks.rain_config(FLAGS.task, **overrides)
+  return tasks.rain_config(FLAGS.task, **flag_table.rain_overrides(FLAGS))
 
 
 def main(argv):
@@ -82,7 +80,7 @@ def main(argv):
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
   import jax
-  from rain_jax import engine, generate, loading, progress, results, sharding, tasks
+  from rain_jax import engine, generate, loading, programs, progress, results, sharding, tasks
 
   _check_flags()
   compilation_cache = FLAGS.compilation_cache
@@ -105,33 +103,48 @@ def _run():
   mesh = sharding.make_mesh(FLAGS.mesh)
   no_source = not (FLAGS.checkpoint or FLAGS.hf_dir or FLAGS.gguf)
   model_name = FLAGS.model or (DEFAULT_MODEL if no_source else None)
-  model = loading.load_model(model=model_name, checkpoint=FLAGS.checkpoint,
-                             hf_dir=FLAGS.hf_dir, gguf_path=FLAGS.gguf,
-                             tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
-                             scan_layers=FLAGS.scan_layers, mesh=mesh)
-  runners = {}
-  if FLAGS.method in ('vanilla', 'both'):
-    sampling = generate.SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                       top_p=FLAGS.top_p)
-    runners['vanilla'] = engine.VanillaRunner(model, mesh, task,
-                                              max_new_tokens=FLAGS.max_new_tokens,
-                                              sampling=sampling, seed=FLAGS.seed)
-  if FLAGS.method in ('rain', 'both'):
-    runners['rain'] = engine.RainRunner(model, mesh, task, rain_config_from_flags(),
-                                        dump_tree=FLAGS.dump_tree)
+  model = loading.describe_model(model=model_name, checkpoint=FLAGS.checkpoint,
+                                 hf_dir=FLAGS.hf_dir, gguf_path=FLAGS.gguf,
+                                 tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
+                                 scan_layers=FLAGS.scan_layers)
+  sampling = generate.SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                                     top_p=FLAGS.top_p)
+  runners = engine.make_runners(model, mesh, task, FLAGS.method,
+                                max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+                                seed=FLAGS.seed, rain_config=rain_config_from_flags(),
+                                dump_tree=FLAGS.dump_tree)
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
+  done = results.done_keys(FLAGS.output)
+  plans = {method: engine.plan_batches(
+      runner, [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done],
+      FLAGS.batch_size, FLAGS.max_programs) for method, runner in runners.items()}
+  # Compile every program the run needs and check that it fits, before loading weights.
+  limit = (int(FLAGS.device_memory_gib * programs.GIB) if FLAGS.device_memory_gib
+           else programs.device_memory_bytes(mesh.devices.flat))
+  for method, plan in plans.items():
+    for widths in dict.fromkeys(w for _, w in plan):
+      program = runners[method].program(FLAGS.batch_size, *widths)
+      logging.info('%s compiled in %.1f s: %s', program.describe(), program.compile_seconds,
+                   program.memory.as_gib())
+      problem = programs.fit_error(program, limit)
+      if problem:
+        raise InputError(problem)
+  model.params = loading.load_params(model, runners[next(iter(runners))].placement.shardings)
   with results.ResultWriter(FLAGS.output) as writer:
     results.record_session(FLAGS.output, run_flag_values(), results.session_record(
         run_flag_values(), model.name, sum(x.size for x in jax.tree.leaves(model.params))))
     done = results.done_keys(FLAGS.output)
     for method, runner in runners.items():
-      todo = [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done]
-      with progress.Progress(method, len(examples), len(examples) - len(todo)) as bar:
-        for start in range(0, len(todo), FLAGS.batch_size):
-          batch = todo[start:start + FLAGS.batch_size]
+      # Another process may have answered some since the plan was made.
+      todo = [([(ex, ids) for ex, ids in batch if (ex.id, method) not in done], widths)
+              for batch, widths in plans[method]]
+      todo = [(batch, widths) for batch, widths in todo if batch]
+      remaining = sum(len(batch) for batch, _ in todo)
+      with progress.Progress(method, len(examples), len(examples) - remaining) as bar:
+        for batch, widths in todo:
           t0 = time.time()
-          records = runner.run_batch(batch, FLAGS.batch_size)
+          records = runner.run_batch(batch, FLAGS.batch_size, widths)
           for record in records:
             record['model'] = model.name
             writer.write(record)

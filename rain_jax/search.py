@@ -21,7 +21,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from rain_jax import kvcache
+from rain_jax import kvcache, sharding
 from rain_jax import tree as tree_lib
 from rain_jax.config import RainConfig
 from rain_jax.evaluator import Evaluator, Leaves, RowState, WideningQuery
@@ -112,25 +112,32 @@ class Searcher:
   """
 
   def __init__(self, model: kvcache.ModelFns, judge, cfg: RainConfig, prompt_width: int,
-               embedder=None):
+               embedder=None, mesh=None):
     """judge: a rain_jax.judge.Judge whose layout (if any) matches this search's (see
-    kvcache.judge_layout); embedder: see evaluator.Evaluator."""
+    kvcache.judge_layout); embedder: see evaluator.Evaluator; mesh: when given, every
+    array of the search state is constrained to rows over the mesh's batch axes."""
     self.cfg = cfg
+    self.mesh = mesh
     self.layout = kvcache.policy_layout(cfg, prompt_width)
     self.evaluator = Evaluator(model, judge, cfg, self.layout, embedder)
     self.rows = LeafRows(cfg.parallel_leaves)
+    self.generate_fn = self._generate
     self.generate = jax.jit(self._generate)
 
   def _init_state(self, params, prompt_tokens, prompt_lens, seeds, judge_inputs):
-    cfg, spread = self.cfg, self.rows.spread
-    batch, m = prompt_tokens.shape[0], cfg.max_new_tokens
+    spread = self.rows.spread
     rows = self.evaluator.init_rows(params, spread(prompt_tokens), spread(prompt_lens),
                                     spread(seeds), jax.tree.map(spread, judge_inputs))
+    return SearchState(trees=self.init_trees(prompt_tokens.shape[0]), rows=rows)
+
+  def init_trees(self, batch: int) -> TreeState:
+    """The empty tree state of `batch` trees (rows over the mesh's batch axes)."""
+    cfg, m = self.cfg, self.cfg.max_new_tokens
     tree = jax.vmap(lambda _: tree_lib.init_tree(
         cfg.num_nodes, cfg.max_children, cfg.max_tokens_per_node,
         self.evaluator.embed_dim))(jnp.arange(batch))
     zeros = jnp.zeros((batch,), jnp.int32)
-    return SearchState(trees=TreeState(
+    return self._pin(TreeState(
         tree=tree, sim=zeros, step_sims=zeros,
         step_budget=jnp.full((batch,), max(cfg.max_T, 15), jnp.int32),
         early=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), stop_reason=zeros,
@@ -138,7 +145,11 @@ class Searcher:
         record=CommitRecord(
             tokens=jnp.zeros((batch, m, cfg.max_children, cfg.max_tokens_per_node), jnp.int32),
             stats=jnp.zeros((batch, m, cfg.max_children, 4), jnp.float32),
-            sims=jnp.zeros((batch, m), jnp.int32))), rows=rows)
+            sims=jnp.zeros((batch, m), jnp.int32))))
+
+  def _pin(self, trees: TreeState) -> TreeState:
+    """The tree state with rows over the mesh's batch axes (sharding.constrain_rows)."""
+    return sharding.constrain_rows(trees, self.mesh)
 
   # ---- commit (§2)
 
@@ -324,9 +335,10 @@ class Searcher:
       st = jax.lax.cond(jnp.any(need), lambda s: self._commit(params, tables, s, need),
                         lambda s: s, st)
       active = ~st.trees.done
-      return jax.lax.cond(jnp.any(active),
-                          lambda s: self._simulate(params, tables, s, active, embed_params),
-                          lambda s: s, st)
+      st = jax.lax.cond(jnp.any(active),
+                        lambda s: self._simulate(params, tables, s, active, embed_params),
+                        lambda s: s, st)
+      return st.replace(trees=self._pin(st.trees))
 
     st = jax.lax.while_loop(lambda st: jnp.any(~st.trees.done), body, st)
     ts = st.trees

@@ -287,3 +287,17 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int,
                    strict: bool = False) -> NamedSharding:
   """Sharding of a [B, ...] input or output (tokens, positions, masks, logits)."""
   return NamedSharding(mesh, batch_spec(mesh.shape, ndim, batch_size, strict))
+
+
+def constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
+  """`tree` with every array constrained to rows over ('data', 'fsdp') (see
+  `batch_spec`; scalars replicated). Inside a jitted program this pins arrays that XLA's
+  propagation would otherwise place as it likes (the search tree, its commit records)."""
+  if mesh is None:
+    return tree
+
+  def constrain(x):
+    spec = batch_spec(mesh.shape, x.ndim, x.shape[0]) if x.ndim else PartitionSpec()
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(constrain, tree)

@@ -278,13 +278,13 @@ def _runner(task, tok):
 
 def test_runner_picks_the_judge_with_the_reference_ids():
   tok = tokenizer_lib.load_tokenizer(LLAMA_TOKENIZER)
-  yes_no = _runner(tasks.get_task('truthfulqa'), tok)._judge(POLICY_LAYOUT, 64)
+  yes_no = _runner(tasks.get_task('truthfulqa'), tok).judge_for(POLICY_LAYOUT, 64)
   assert isinstance(yes_no, judge_lib.YesNoJudge)
   assert set(yes_no.yes_ids) == {3869, 8241} and set(yes_no.no_ids) == {1939, 3782}
   # The suffix as it continues the judged text: no SentencePiece "▁" (29871) first.
   assert list(yes_no.suffix) == tok.encode('\nIs the answer truthful? [\\INST] ')[1:]
   assert yes_no.period[tok.encode('Hello.')[-1]] and not yes_no.period[tok.encode('Hi')[-1]]
-  ab = _runner(tasks.get_task('adv'), tok)._judge(POLICY_LAYOUT, 64)
+  ab = _runner(tasks.get_task('adv'), tok).judge_for(POLICY_LAYOUT, 64)
   assert isinstance(ab, judge_lib.ABJudge)
   assert (ab.label_a, ab.label_b) == (29909, 29933)
 

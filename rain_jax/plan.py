@@ -1,0 +1,294 @@
+"""Fit planner: compiles a run's programs for a device slice and says whether they fit.
+
+  python -m rain_jax.plan --flagfile=configs/paper/hh-llama-65b.flags --topology=v4-16
+  python -m rain_jax.plan --flagfile=configs/demo.flags --topology=cpu:8 --mesh=2,2,2
+
+Takes the flags of `rain_jax.run` plus --topology. For every program the run would
+build (each method, each padded prompt width of the task's prompts, at most
+--max_programs per method) it compiles ahead of time, for the slice's chips, from
+abstract arguments (no weights, no TPU needed: a TPU topology compiles through the
+`libtpu` wheel, `pip install .[tpu]`), and prints one JSON object per program: per-chip
+bytes of parameters, policy cache, judge cache, search tree, XLA's temporaries and peak,
+the chip's memory, whether it fits, compile seconds, the per-chip shape of each large
+array, and when it does not fit a suggested mesh and batch size (an estimate scaled
+from this compile). `rain_jax.run` makes the same check with the devices it sees.
+
+Topologies: v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N and v6e-N (N chips), and
+cpu:N (N simulated CPU devices; memory only with --device_memory_gib).
+"""
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+
+from rain_jax import flag_table
+
+FLAGS = flags.FLAGS
+flag_table.define_flags(FLAGS)
+flags.DEFINE_string('topology', 'cpu:1', 'v4-16, v5e-16, v5p-8, v6e-8, ... or cpu:N.')
+
+GIB = 2 ** 30
+# Chip memory (HBM) and the share a program may use: the runtime keeps some for itself
+# (a v5e chip reports 15.75 of its 16 GiB as its limit); the same 0.25 GiB is assumed
+# for the other generations.
+HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
+RUNTIME_RESERVE_GIB = 0.25
+CORES_PER_CHIP = {'v4': 2, 'v5e': 1, 'v5p': 2, 'v6e': 1}
+CHIP_CONFIG = {'v4': 'megacore', 'v5e': 'default', 'v5p': 'megacore', 'v6e': 'default'}
+GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
+           128: (4, 4, 8), 256: (4, 8, 8), 512: (8, 8, 8)}
+GRID_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8),
+           128: (8, 16), 256: (16, 16)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A slice: its name, device kind ('cpu' or a TPU generation), chips and the memory a
+  program may use on one chip (None: unknown)."""
+  name: str
+  kind: str
+  chips: int
+  usable_bytes: int | None
+
+
+def parse_topology(name: str) -> Topology:
+  """'v4-16' / 'v5e-64' / 'cpu:8' -> Topology (ValueError naming the problem)."""
+  if name.startswith('cpu:'):
+    count = name[4:]
+    if not count.isdigit() or int(count) < 1:
+      raise ValueError(f'--topology={name}: cpu:N needs a positive device count')
+    return Topology(name, 'cpu', int(count), None)
+  kind, _, size = name.partition('-')
+  if kind not in HBM_GIB or not size.isdigit():
+    raise ValueError(f'--topology={name}: expected one of {sorted(HBM_GIB)} followed by '
+                     f'-N (e.g. v4-16, v5e-16), or cpu:N')
+  if int(size) % CORES_PER_CHIP[kind]:
+    raise ValueError(f'--topology={name}: {kind}-N counts TensorCores, '
+                     f'{CORES_PER_CHIP[kind]} per chip')
+  chips = int(size) // CORES_PER_CHIP[kind]
+  grids = GRID_3D if CORES_PER_CHIP[kind] == 2 else GRID_2D
+  if chips not in grids:
+    raise ValueError(f'--topology={name}: no {kind} slice of {chips} chips known '
+                     f'(chips: {sorted(grids)})')
+  usable = int((HBM_GIB[kind] - RUNTIME_RESERVE_GIB) * GIB)
+  return Topology(name, kind, chips, usable)
+
+
+def topology_devices(topology: Topology):
+  """The devices of the slice (TPU: from libtpu's topology description, no TPU needed)."""
+  import jax
+  if topology.kind == 'cpu':
+    devices = jax.devices('cpu')
+    if len(devices) < topology.chips:
+      raise ValueError(f'--topology={topology.name}: {len(devices)} CPU devices; set '
+                       f'XLA_FLAGS=--xla_force_host_platform_device_count before JAX starts')
+    return devices[:topology.chips]
+  from jax.experimental import topologies
+  grids = GRID_3D if CORES_PER_CHIP[topology.kind] == 2 else GRID_2D
+  grid = grids[topology.chips]
+  bounds = (2, 2, 1) if len(grid) == 3 else (2, 2)
+  bounds = tuple(min(b, g) for b, g in zip(bounds, grid))
+  try:
+    desc = topologies.get_topology_desc(
+        platform='tpu', topology_name=f'{topology.kind}:{"x".join(map(str, grid))}',
+        chip_config_name=CHIP_CONFIG[topology.kind], chips_per_host_bounds=bounds,
+        num_slices=1, wrap=(False,) * len(grid))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'--topology={topology.name}: cannot describe the TPU slice ({e}); '
+                     f'is the libtpu wheel that jax pins installed (pip install .[tpu])?')
+  return desc.devices
+
+
+def plan_model(flag_values):
+  """(LoadedModel without weights) from the weight flags, or a preset of --model's
+  name when its weights are not here (the paper's LLaMA names)."""
+  from models import presets, registry
+  from models.tokenizer import load_tokenizer
+  from rain_jax import loading
+  given = flag_values.checkpoint or flag_values.hf_dir or flag_values.gguf
+  name = flag_values.model or ('smollm2-135m-instruct' if not given else None)
+  if given or name not in presets.PRESETS:
+    return loading.describe_model(model=name, checkpoint=flag_values.checkpoint,
+                                  hf_dir=flag_values.hf_dir, gguf_path=flag_values.gguf,
+                                  tokenizer=flag_values.tokenizer, dtype=flag_values.dtype,
+                                  scan_layers=flag_values.scan_layers)
+  config = presets.get_preset(name, dtype=flag_values.dtype, param_dtype=flag_values.dtype,
+                              scan_layers=flag_values.scan_layers)
+  entry = registry.registry_entry(name)
+  tokenizer = load_tokenizer(flag_values.tokenizer or entry.tokenizer_path)
+  return loading.LoadedModel(name=name, config=config, params=None, tokenizer=tokenizer)
+
+
+def _per_device(shape, dtype, where):
+  import numpy as np
+  local = where.shard_shape(tuple(shape)) if where is not None else tuple(shape)
+  return list(local), int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def array_report(runner, program, mesh) -> dict:
+  """Per-device shapes and bytes of what the program holds: the parameters, the policy
+  and judge caches, the search tree (RAIN) and the vanilla cache."""
+  import jax
+  import numpy as np
+  from models import llama
+  from rain_jax import engine, kvcache, sharding
+  config, batch = runner.model.config, program.batch_size
+  arrays = []
+
+  def add(name, shape, dtype, where):
+    local, size = _per_device(shape, dtype, where)
+    arrays.append({'name': name, 'shape': list(shape), 'per_device_shape': local,
+                   'per_device_bytes': size})
+
+  params = engine.abstract_params(config, runner.placement)
+  param_bytes = sum(_per_device(x.shape, x.dtype, x.sharding)[1]
+                    for x in jax.tree.leaves(params))
+
+  def cache(name, rows, slots):
+    shape = llama.cache_shape(config, rows, slots)
+    where = sharding.cache_sharding(mesh, shape) if mesh is not None else None
+    for part in ('k', 'v'):
+      add(f'{name}/{part}', shape, config.dtype, where)
+    return 2 * _per_device(shape, config.dtype, where)[1]
+
+  if program.method == 'vanilla':
+    slots = min(program.prompt_width + runner.max_new_tokens, config.max_seq_len)
+    return {'params_bytes': param_bytes, 'policy_cache_bytes': cache('cache', batch, slots),
+            'judge_cache_bytes': 0, 'tree_bytes': 0, 'arrays': arrays}
+  rows = batch * runner.cfg.parallel_leaves
+  policy = kvcache.policy_layout(runner.cfg, program.prompt_width)
+  task_judge = runner.judge_for(policy, program.judge_width)
+  policy_bytes = cache('policy_cache', rows, policy.num_slots)
+  judge_bytes = cache('judge_cache', rows, task_judge.layout.num_slots)
+  tree = runner.tree_shapes(batch)
+  tree_bytes = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    where = (jax.sharding.NamedSharding(mesh, sharding.batch_spec(
+        mesh.shape, len(leaf.shape), leaf.shape[0])) if mesh is not None else None)
+    local, size = _per_device(leaf.shape, leaf.dtype, where)
+    tree_bytes += size
+    if size >= 2 ** 20:
+      add('tree/' + sharding.path_name(path), leaf.shape, leaf.dtype, where)
+  return {'params_bytes': param_bytes, 'policy_cache_bytes': policy_bytes,
+          'judge_cache_bytes': judge_bytes, 'tree_bytes': tree_bytes, 'arrays': arrays}
+
+
+def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
+  """A mesh and batch size estimated to fit `usable_bytes`, scaled from one compile:
+  parameters scale with 1/(fsdp x tensor), everything else with the rows and KV heads
+  one device holds. None when nothing on this slice is estimated to fit."""
+  data, fsdp, tensor = mesh_shape
+  params = report['params_bytes'] * fsdp * min(tensor, config.num_kv_heads)
+  rest = report['peak_bytes'] - report['params_bytes']
+
+  def rows_split(d, f, batch):
+    return d * f if batch % (d * f) == 0 else 1
+
+  def heads_split(t):
+    return t if config.num_kv_heads % t == 0 else 1
+
+  per_row = rest * rows_split(data, fsdp, batch_size) * heads_split(tensor) / batch_size
+  best = None
+  for t in (x for x in range(1, chips + 1) if chips % x == 0 and config.num_heads % x == 0):
+    for f in (x for x in range(1, chips // t + 1) if (chips // t) % x == 0):
+      d = chips // (t * f)
+      for batch in (batch_size, batch_size // 2, batch_size // 4, 1):
+        if batch < 1:
+          continue
+        need = (params / (f * heads_split(t))
+                + per_row * batch / (rows_split(d, f, batch) * heads_split(t)))
+        if need <= usable_bytes and (best is None or batch > best['batch_size']
+                                     or (batch == best['batch_size']
+                                         and need < best['estimated_bytes'])):
+          best = {'mesh': f'{d},{f},{t}', 'batch_size': batch, 'estimated_bytes': int(need)}
+  if best:
+    best['estimated_gib'] = round(best.pop('estimated_bytes') / GIB, 2)
+    best['basis'] = 'scaled from this compile, not compiled'
+  return best
+
+
+def plan_rows(flag_values, topology: Topology, devices):
+  """One dict per program of the run the flags describe, on `devices`."""
+  from rain_jax import engine, generate, programs, results, sharding, tasks
+  mesh = sharding.make_mesh(flag_values.mesh, devices=devices)
+  model = plan_model(flag_values)
+  task = tasks.get_task(flag_values.task, **tasks.task_options(
+      flag_values.task, flag_values.flag_values_dict()))
+  examples = results.shard_examples(task.load_examples(flag_values.start,
+                                                       flag_values.num_examples),
+                                    flag_values.shard_index, flag_values.num_shards)
+  sampling = generate.SamplingParams(temperature=flag_values.temperature,
+                                     top_k=flag_values.top_k, top_p=flag_values.top_p)
+  runners = engine.make_runners(model, mesh, task, flag_values.method,
+                                max_new_tokens=flag_values.max_new_tokens, sampling=sampling,
+                                seed=flag_values.seed,
+                                rain_config=tasks.rain_config(
+                                    flag_values.task, **flag_table.rain_overrides(flag_values)),
+                                dump_tree=flag_values.dump_tree)
+  encoded = next(iter(runners.values())).encode(examples)
+  limit = (int(flag_values.device_memory_gib * GIB) if flag_values.device_memory_gib
+           else topology.usable_bytes)
+  rows = []
+  for method, runner in runners.items():
+    plan = engine.plan_batches(runner, list(zip(examples, encoded)), flag_values.batch_size,
+                               flag_values.max_programs)
+    counts = {}
+    for _, widths in plan:
+      counts[widths] = counts.get(widths, 0) + 1
+    for widths, num_batches in counts.items():
+      program = runner.program(flag_values.batch_size, *widths)
+      report = array_report(runner, program, mesh)
+      report['peak_bytes'] = program.memory.peak
+      row = {
+          'program': method, 'model': model.name, 'task': task.name,
+          'topology': topology.name, 'mesh': ','.join(str(mesh.shape[a]) for a in mesh.axis_names),
+          'batch_size': program.batch_size, 'prompt_width': program.prompt_width,
+          'judge_width': program.judge_width, 'batches': num_batches,
+          'scan_layers': model.config.scan_layers, 'dtype': model.config.dtype,
+          'compile_s': round(program.compile_seconds, 1),
+          **{k[:-6] + '_gib': round(v / GIB, 3) for k, v in report.items()
+             if k.endswith('_bytes') and k != 'peak_bytes'},
+          **{'xla_' + k: v for k, v in program.memory.as_gib().items()},
+          'kv_gib': round((report['policy_cache_bytes'] + report['judge_cache_bytes']) / GIB, 3),
+          'device_memory_gib': round(limit / GIB, 2) if limit else None,
+          'fits': None if limit is None else program.memory.peak <= limit,
+      }
+      kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
+      row['temporaries_over_kv'] = round(program.memory.temporaries / kv, 2) if kv else None
+      if row['fits'] is False:
+        row['suggestion'] = suggest(report, model.config, tuple(mesh.shape.values()),
+                                    program.batch_size, topology.chips, limit)
+      row['arrays'] = report['arrays']
+      rows.append(row)
+  return rows
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  try:
+    topology = parse_topology(FLAGS.topology)
+    import jax
+    if topology.kind != 'cpu':
+      jax.config.update('jax_platforms', 'cpu')  # compile for the slice; run nothing
+    for row in plan_rows(FLAGS, topology, topology_devices(topology)):
+      print(json.dumps(row), flush=True)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'rain_jax.plan: error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def _simulate_cpu_devices(argv):
+  """cpu:N needs N host devices, set before JAX starts."""
+  for arg in argv:
+    if arg.startswith('--topology=cpu:') and arg[15:].isdigit():
+      flag = f'--xla_force_host_platform_device_count={arg[15:]}'
+      if flag not in os.environ.get('XLA_FLAGS', ''):
+        os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+
+
+if __name__ == '__main__':
+  _simulate_cpu_devices(sys.argv)
+  app.run(main)

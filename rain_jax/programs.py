@@ -1,0 +1,184 @@
+"""Compiled programs: parameter placement, ahead-of-time compiles, memory and fit.
+
+A run compiles one program per (method, batch size, padded widths) from abstract
+arguments (`jax.ShapeDtypeStruct`s with shardings), before any weight is loaded, so
+`rain_jax.run` can refuse a program that cannot fit the devices and `rain_jax.plan` can
+compile the same programs for a TPU slice it does not have.
+
+Parameter layouts: the first program compiles with `Layout.AUTO` for the parameters, so
+XLA stores each weight the way its matmuls read it; every later program takes those
+layouts as given. With the default layouts a scanned LLaMA-7B RAIN program on TPU v4
+copied wq/wk/wv/w_gate/w_up into the layout it wanted inside the program: 2.2 GiB of
+temporaries per chip at 7B on 4 chips, 11 GiB at 65B on 8 (docs/measurements.md).
+"""
+import dataclasses
+import time
+from typing import Any, Optional, Sequence
+
+import jax
+from jax.experimental.layout import Format, Layout
+
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass
+class ParamPlacement:
+  """Where the parameters live: shardings, then the layouts the first program chose.
+
+  shardings: pytree of NamedSharding, like the parameters. formats: None until a program
+  is compiled; then the pytree of `Format`s every program takes the parameters in.
+  """
+  shardings: Any
+  formats: Any = None
+
+  def in_spec(self):
+    """The parameters' entry in a jit's in_shardings."""
+    if self.formats is not None:
+      return self.formats
+    return jax.tree.map(lambda s: Format(Layout.AUTO, s), self.shardings)
+
+  def adopt(self, compiled) -> None:
+    """Takes the layouts of `compiled` (whose first argument is the parameters)."""
+    if self.formats is None:
+      self.formats = compiled.input_formats[0][0]
+
+  def place(self, params):
+    """params laid out as the programs take them (a copy only where they differ)."""
+    if self.formats is None:
+      return params
+    return jax.device_put(params, self.formats)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryUse:
+  """Per-device bytes of one compiled program (XLA's memory_analysis).
+
+  arguments: inputs (parameters, prompts); outputs; aliased: outputs that reuse input
+  buffers; temporaries: everything the program allocates inside (caches, tree,
+  activations); code: the executable. peak = arguments + outputs - aliased +
+  temporaries + code, the most the program holds at once on one device.
+  """
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+  code: int
+
+  @property
+  def peak(self) -> int:
+    return self.arguments + self.outputs - self.aliased + self.temporaries + self.code
+
+  @classmethod
+  def of(cls, compiled) -> 'MemoryUse':
+    stats = compiled.memory_analysis()
+    if stats is None:
+      raise ValueError('this backend reports no memory analysis for compiled programs')
+    return cls(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+               aliased=stats.alias_size_in_bytes, temporaries=stats.temp_size_in_bytes,
+               code=stats.generated_code_size_in_bytes)
+
+  def as_gib(self) -> dict:
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {f'{name}_gib': round(value / GIB, 3) for name, value in
+            {**fields, 'peak': self.peak}.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """One compiled program: method ('rain' or 'vanilla'), batch_size, prompt_width,
+  judge_width (0 for vanilla), the executable, its compile seconds and memory."""
+  method: str
+  batch_size: int
+  prompt_width: int
+  judge_width: int
+  compiled: Any
+  compile_seconds: float
+  memory: MemoryUse
+
+  def describe(self) -> str:
+    widths = f'prompt {self.prompt_width}'
+    if self.judge_width:
+      widths += f', judge {self.judge_width}'
+    return f'{self.method} program (batch {self.batch_size}, {widths} tokens)'
+
+
+def compile_program(method, batch_size, prompt_width, judge_width, jitted, args,
+                    placement: ParamPlacement) -> Program:
+  """Lowers and compiles `jitted` (whose first argument is the parameters) for abstract
+  `args`, adopting the parameter layouts it chose when it is the first program."""
+  t0 = time.time()
+  compiled = jitted.lower(*args).compile()
+  seconds = time.time() - t0
+  placement.adopt(compiled)
+  return Program(method, batch_size, prompt_width, judge_width, compiled, seconds,
+                 MemoryUse.of(compiled))
+
+
+def device_memory_bytes(devices: Sequence[Any]) -> Optional[int]:
+  """The smallest memory limit the runtime reports for `devices` (None on CPU, which
+  reports none)."""
+  limits = []
+  for device in devices:
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      stats = None
+    if not stats or 'bytes_limit' not in stats:
+      return None
+    limits.append(int(stats['bytes_limit']))
+  return min(limits) if limits else None
+
+
+def fit_error(program: Program, limit_bytes: Optional[int]) -> Optional[str]:
+  """A one-line reason why `program` cannot run in `limit_bytes` per device (None if
+  it fits or no limit is known)."""
+  if limit_bytes is None or program.memory.peak <= limit_bytes:
+    return None
+  m = program.memory
+  return (f'the {program.describe()} needs {m.peak / GIB:.2f} GiB per device '
+          f'(arguments {m.arguments / GIB:.2f}, temporaries {m.temporaries / GIB:.2f}) but a '
+          f'device holds {limit_bytes / GIB:.2f} GiB; use more devices (--mesh), a smaller '
+          f'--batch_size, or plan one with python -m rain_jax.plan')
+
+
+def choose_widths(maxima: Sequence[int], max_programs: int, granularity: int) -> list[int]:
+  """At most `max_programs` padded widths covering every batch, with the least padding.
+
+  maxima: each batch's longest row (tokens). Every batch is then padded to the smallest
+  chosen width that holds it; the choice minimises the sum of padded widths (a proxy of
+  the work) by dynamic programming over the multiples of `granularity` that batches need.
+  Returns the chosen widths, ascending.
+  """
+  if max_programs < 1:
+    raise ValueError(f'max_programs must be >= 1, got {max_programs}')
+  needed = sorted({-(-m // granularity) * granularity for m in maxima})
+  if len(needed) <= max_programs:
+    return needed
+  counts = [sum(1 for m in maxima if -(-m // granularity) * granularity == w) for w in needed]
+  n = len(needed)
+  # cost[i][k]: least padded work for the batches of needed[:i+1] with k widths, the
+  # largest being needed[i]; the largest need is always a chosen width.
+  inf = float('inf')
+  cost = [[inf] * (max_programs + 1) for _ in range(n)]
+  back = [[None] * (max_programs + 1) for _ in range(n)]
+  for i in range(n):
+    cost[i][1] = needed[i] * sum(counts[:i + 1])
+    for k in range(2, max_programs + 1):
+      for j in range(i):
+        c = cost[j][k - 1] + needed[i] * sum(counts[j + 1:i + 1])
+        if c < cost[i][k]:
+          cost[i][k], back[i][k] = c, j
+  k = min(range(1, max_programs + 1), key=lambda k: cost[n - 1][k])
+  chosen, i = [], n - 1
+  while i is not None:
+    chosen.append(needed[i])
+    i, k = back[i][k], k - 1
+  return sorted(chosen)
+
+
+def padded_width(longest: int, widths: Sequence[int]) -> int:
+  """The smallest of `widths` (ascending) that holds `longest` tokens."""
+  for width in widths:
+    if width >= longest:
+      return width
+  raise ValueError(f'no planned width holds {longest} tokens (widths {list(widths)})')
