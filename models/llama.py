@@ -273,7 +273,7 @@ def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, writ
   Args:
     params: the parameter tree (docs/engine.md §1), without the {'params': ...} wrapper.
     tokens: [B, T] int32. positions: [B, T] int32 (rotary positions).
-    cache: KVCache with k, v [L, B, S, KVH, D].
+    cache: KVCache with k, v [L, B, KVH, S, D].
     write_index: [B] int32, row b's new keys/values go to slots write_index[b] + t; or
       [B, T] int32, an explicit slot for each new token (tree and stream layouts).
     attn_mask: [B, T, S] bool; True where query t of row b may read slot s (after the

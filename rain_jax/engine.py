@@ -170,9 +170,9 @@ class VanillaRunner:
               self.mesh, llama.cache_shape(config, batch_size, cache_len))
               if self.mesh else None))
       rows = lambda ndim: self._rows(ndim, batch_size)
-      jitted = jax.jit(
+      build = lambda param_spec: jax.jit(
           lambda *a: generate.generate_fn(config, *a, settings=settings),
-          in_shardings=(self.placement.in_spec(), rows(2), rows(1), rows(1), None, None))
+          in_shardings=(param_spec, rows(2), rows(1), rows(1), None, None))
       args = (abstract_params(config, self.placement),
               jax.ShapeDtypeStruct((batch_size, prompt_width), jnp.int32, sharding=rows(2)),
               jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows(1)),
@@ -180,7 +180,7 @@ class VanillaRunner:
               *abstract_like((self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id)),
                              self.mesh))
       self._programs[key] = programs.compile_program('vanilla', batch_size, prompt_width, 0,
-                                                     jitted, args, self.placement)
+                                                     build, args, self.placement)
     return self._programs[key]
 
   def run_batch(self, batch, batch_size, widths=None):
@@ -347,8 +347,8 @@ class RainRunner:
       rows = lambda ndim: self._rows(ndim, batch_size)
       abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                            sharding=rows(len(shape)))
-      jitted = jax.jit(searcher.generate_fn, in_shardings=(
-          self.placement.in_spec(), None, rows(2), rows(1), rows(1),
+      build = lambda param_spec: jax.jit(searcher.generate_fn, in_shardings=(
+          param_spec, None, rows(2), rows(1), rows(1),
           {'tokens': rows(2), 'lens': rows(1)}, None))
       args = (abstract_params(self.model.config, self.placement),
               abstract_like(self.tables, self.mesh),
@@ -358,7 +358,7 @@ class RainRunner:
                'lens': abstract((batch_size,), jnp.int32)},
               abstract_like(self.encoder, self.mesh))
       self._programs[key] = programs.compile_program('rain', batch_size, prompt_width,
-                                                     judge_width, jitted, args, self.placement)
+                                                     judge_width, build, args, self.placement)
     return self._programs[key]
 
   def tree_shapes(self, batch_size):
@@ -433,6 +433,19 @@ def make_runners(model, mesh, task, method, *, max_new_tokens, sampling, seed, r
     runners['rain'] = RainRunner(model, mesh, task, rain_config, dump_tree=dump_tree,
                                  placement=placement)
   return runners
+
+
+def program_budget(methods, max_programs) -> dict:
+  """{method: how many widths it may compile} for a run of `methods` that compiles at most
+  `max_programs` programs: all to one method; with both, one to vanilla (a decode loop,
+  cheap to compile, its speed set by the weights rather than the padding) and the rest to
+  RAIN."""
+  methods = list(methods)
+  if max_programs < len(methods):
+    raise ValueError(f'--max_programs={max_programs} cannot cover the methods {methods}')
+  if len(methods) == 1:
+    return {methods[0]: max_programs}
+  return {method: 1 if method == 'vanilla' else max_programs - 1 for method in methods}
 
 
 def plan_batches(runner, todo, batch_size, max_programs):

@@ -77,9 +77,9 @@ TABLE = (
          'unroll them (faster decoding on GPU/TPU).', role=OPERATIONAL),
     Flag('mesh', 'string', '-1,1,1', 'Device mesh data,fsdp,tensor; -1 = the rest.',
          role=OPERATIONAL),
-    Flag('max_programs', 'integer', 3, 'At most this many padded prompt widths (one '
-         'compiled program each) per method and batch size; each batch pads to the '
-         'nearest one that holds it.', role=OPERATIONAL),
+    Flag('max_programs', 'integer', 3, 'Compile at most this many programs (padded '
+         'prompt widths) in a run; with --method=both vanilla gets one, RAIN the rest. '
+         'Each batch pads to the nearest width that holds it.', role=OPERATIONAL),
     Flag('device_memory_gib', 'float', None, 'Memory of one device to check the compiled '
          'programs against before the weights load (default: what the runtime reports; '
          'the CPU reports none).', role=OPERATIONAL),

@@ -24,17 +24,17 @@ import sys
 from absl import app, flags
 
 from rain_jax import flag_table
+from rain_jax import run  # pylint: disable=unused-import  (defines the flags of the run)
 
 FLAGS = flags.FLAGS
-flag_table.define_flags(FLAGS)
 flags.DEFINE_string('topology', 'cpu:1', 'v4-16, v5e-16, v5p-8, v6e-8, ... or cpu:N.')
 
 GIB = 2 ** 30
-# Chip memory (HBM) and the share a program may use: the runtime keeps some for itself
-# (a v5e chip reports 15.75 of its 16 GiB as its limit); the same 0.25 GiB is assumed
-# for the other generations.
+# Chip memory (HBM) and the share a program may use, as the TPU compiler states it when
+# a program does not fit ("exceeds available HBM (30.75G)" on v4, 15.75G on v5e); for
+# v5p and v6e the v5e reserve of 0.25 GiB is assumed.
 HBM_GIB = {'v4': 32, 'v5e': 16, 'v5p': 95, 'v6e': 32}
-RUNTIME_RESERVE_GIB = 0.25
+RUNTIME_RESERVE_GIB = {'v4': 1.25, 'v5e': 0.25, 'v5p': 0.25, 'v6e': 0.25}
 CORES_PER_CHIP = {'v4': 2, 'v5e': 1, 'v5p': 2, 'v6e': 1}
 CHIP_CONFIG = {'v4': 'megacore', 'v5e': 'default', 'v5p': 'megacore', 'v6e': 'default'}
 GRID_3D = {4: (2, 2, 1), 8: (2, 2, 2), 16: (2, 2, 4), 32: (2, 4, 4), 64: (4, 4, 4),
@@ -72,7 +72,7 @@ def parse_topology(name: str) -> Topology:
   if chips not in grids:
     raise ValueError(f'--topology={name}: no {kind} slice of {chips} chips known '
                      f'(chips: {sorted(grids)})')
-  usable = int((HBM_GIB[kind] - RUNTIME_RESERVE_GIB) * GIB)
+  usable = int((HBM_GIB[kind] - RUNTIME_RESERVE_GIB[kind]) * GIB)
   return Topology(name, kind, chips, usable)
 
 
@@ -127,9 +127,10 @@ def _per_device(shape, dtype, where):
   return list(local), int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
-def array_report(runner, program, mesh) -> dict:
+def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
   """Per-device shapes and bytes of what the program holds: the parameters, the policy
-  and judge caches, the search tree (RAIN) and the vanilla cache."""
+  and judge caches, the search tree (RAIN; its arrays of at least `min_bytes` per device
+  listed) and the vanilla cache."""
   import jax
   import numpy as np
   from models import llama
@@ -169,7 +170,7 @@ def array_report(runner, program, mesh) -> dict:
         mesh.shape, len(leaf.shape), leaf.shape[0])) if mesh is not None else None)
     local, size = _per_device(leaf.shape, leaf.dtype, where)
     tree_bytes += size
-    if size >= 2 ** 20:
+    if size >= min_bytes:
       add('tree/' + sharding.path_name(path), leaf.shape, leaf.dtype, where)
   return {'params_bytes': param_bytes, 'policy_cache_bytes': policy_bytes,
           'judge_cache_bytes': judge_bytes, 'tree_bytes': tree_bytes, 'arrays': arrays}
@@ -209,8 +210,9 @@ def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
   return best
 
 
-def plan_rows(flag_values, topology: Topology, devices):
-  """One dict per program of the run the flags describe, on `devices`."""
+def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):
+  """One dict per program of the run the flags describe, on `devices` (arrays of at
+  least `min_array_bytes` per device listed)."""
   from rain_jax import engine, generate, programs, results, sharding, tasks
   mesh = sharding.make_mesh(flag_values.mesh, devices=devices)
   model = plan_model(flag_values)
@@ -230,17 +232,19 @@ def plan_rows(flag_values, topology: Topology, devices):
   encoded = next(iter(runners.values())).encode(examples)
   limit = (int(flag_values.device_memory_gib * GIB) if flag_values.device_memory_gib
            else topology.usable_bytes)
+  budget = engine.program_budget(runners, flag_values.max_programs)
   rows = []
   for method, runner in runners.items():
     plan = engine.plan_batches(runner, list(zip(examples, encoded)), flag_values.batch_size,
-                               flag_values.max_programs)
+                               budget[method])
     counts = {}
     for _, widths in plan:
       counts[widths] = counts.get(widths, 0) + 1
     for widths, num_batches in counts.items():
       program = runner.program(flag_values.batch_size, *widths)
-      report = array_report(runner, program, mesh)
-      report['peak_bytes'] = program.memory.peak
+      report = array_report(runner, program, mesh, min_array_bytes)
+      report['peak_bytes'] = (program.memory.peak if program.compiled is not None else
+                              report['params_bytes'] + program.memory.temporaries)
       row = {
           'program': method, 'model': model.name, 'task': task.name,
           'topology': topology.name, 'mesh': ','.join(str(mesh.shape[a]) for a in mesh.axis_names),
@@ -248,12 +252,15 @@ def plan_rows(flag_values, topology: Topology, devices):
           'judge_width': program.judge_width, 'batches': num_batches,
           'scan_layers': model.config.scan_layers, 'dtype': model.config.dtype,
           'compile_s': round(program.compile_seconds, 1),
+          'trace_s': round(program.trace_seconds, 1),
           **{k[:-6] + '_gib': round(v / GIB, 3) for k, v in report.items()
              if k.endswith('_bytes') and k != 'peak_bytes'},
           **{'xla_' + k: v for k, v in program.memory.as_gib().items()},
           'kv_gib': round((report['policy_cache_bytes'] + report['judge_cache_bytes']) / GIB, 3),
           'device_memory_gib': round(limit / GIB, 2) if limit else None,
-          'fits': None if limit is None else program.memory.peak <= limit,
+          'fits': (False if program.out_of_memory else
+                   None if limit is None else program.memory.peak <= limit),
+          'out_of_memory': program.out_of_memory or None,
       }
       kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
       row['temporaries_over_kv'] = round(program.memory.temporaries / kv, 2) if kv else None

@@ -5,13 +5,18 @@ arguments (`jax.ShapeDtypeStruct`s with shardings), before any weight is loaded,
 `rain_jax.run` can refuse a program that cannot fit the devices and `rain_jax.plan` can
 compile the same programs for a TPU slice it does not have.
 
-Parameter layouts: the first program compiles with `Layout.AUTO` for the parameters, so
-XLA stores each weight the way its matmuls read it; every later program takes those
-layouts as given. With the default layouts a scanned LLaMA-7B RAIN program on TPU v4
-copied wq/wk/wv/w_gate/w_up into the layout it wanted inside the program: 2.2 GiB of
-temporaries per chip at 7B on 4 chips, 11 GiB at 65B on 8 (docs/measurements.md).
+Parameter layouts: programs compile with `Layout.AUTO` for the parameters, so XLA stores
+each weight the way its matmuls read it, and the parameters are placed once in the
+layouts the first program chose. With the default layouts a scanned LLaMA-7B RAIN
+program on TPU v4 copied wq/wk/wv/w_gate/w_up into the layout it wanted inside the
+program: 2.2 GiB of temporaries per chip at 7B on 4 chips, 11 GiB at 65B on 8
+(docs/measurements.md). Handing a later program those same layouts as concrete formats
+brought the copies back (TPU v4, jax 0.10.2), so every program compiles with AUTO, and
+only a program that chooses other layouts than the first is compiled again with the
+first's (and then copies what it must).
 """
 import dataclasses
+import re
 import time
 from typing import Any, Optional, Sequence
 
@@ -31,22 +36,31 @@ class ParamPlacement:
   shardings: Any
   formats: Any = None
 
-  def in_spec(self):
-    """The parameters' entry in a jit's in_shardings."""
-    if self.formats is not None:
-      return self.formats
+  def auto_spec(self):
+    """The parameters' entry in a jit's in_shardings: their shardings, layouts AUTO."""
+    if self.shardings is None:
+      return None
     return jax.tree.map(lambda s: Format(Layout.AUTO, s), self.shardings)
 
-  def adopt(self, compiled) -> None:
-    """Takes the layouts of `compiled` (whose first argument is the parameters)."""
+  def agrees(self, compiled) -> bool:
+    """Whether `compiled` (first argument: the parameters) takes them in the layouts
+    placed so far; the first program compiled sets them."""
+    if self.shardings is None:
+      return True
+    chosen = compiled.input_formats[0][0]
     if self.formats is None:
-      self.formats = compiled.input_formats[0][0]
+      self.formats = chosen
+    return _layouts(chosen) == _layouts(self.formats)
 
   def place(self, params):
     """params laid out as the programs take them (a copy only where they differ)."""
     if self.formats is None:
       return params
     return jax.device_put(params, self.formats)
+
+
+def _layouts(formats):
+  return [str(f.layout) for f in jax.tree.leaves(formats)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +100,11 @@ class MemoryUse:
 @dataclasses.dataclass(frozen=True)
 class Program:
   """One compiled program: method ('rain' or 'vanilla'), batch_size, prompt_width,
-  judge_width (0 for vanilla), the executable, its compile seconds and memory."""
+  judge_width (0 for vanilla), the executable, its compile seconds and memory.
+
+  A program XLA refused to compile for lack of device memory (TPU compiles check HBM)
+  has compiled None, the refusal in `out_of_memory`, and in `memory` what XLA said the
+  temporaries need (the other fields 0)."""
   method: str
   batch_size: int
   prompt_width: int
@@ -94,6 +112,8 @@ class Program:
   compiled: Any
   compile_seconds: float
   memory: MemoryUse
+  out_of_memory: str = ''
+  trace_seconds: float = 0.0  # the part of compile_seconds spent tracing and lowering
 
   def describe(self) -> str:
     widths = f'prompt {self.prompt_width}'
@@ -102,16 +122,29 @@ class Program:
     return f'{self.method} program (batch {self.batch_size}, {widths} tokens)'
 
 
-def compile_program(method, batch_size, prompt_width, judge_width, jitted, args,
+def compile_program(method, batch_size, prompt_width, judge_width, build, args,
                     placement: ParamPlacement) -> Program:
-  """Lowers and compiles `jitted` (whose first argument is the parameters) for abstract
-  `args`, adopting the parameter layouts it chose when it is the first program."""
+  """Compiles `build(parameter in_shardings entry)` (a jitted function whose first
+  argument is the parameters) for abstract `args`, parameter layouts AUTO; compiles
+  again with the placed layouts when it chose others (see the module docstring)."""
   t0 = time.time()
-  compiled = jitted.lower(*args).compile()
-  seconds = time.time() - t0
-  placement.adopt(compiled)
-  return Program(method, batch_size, prompt_width, judge_width, compiled, seconds,
-                 MemoryUse.of(compiled))
+  lowered = build(placement.auto_spec()).lower(*args)
+  trace_seconds = time.time() - t0
+  try:
+    compiled = lowered.compile()
+    if not placement.agrees(compiled):
+      compiled = build(placement.formats).lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    message = str(e).strip().splitlines()[0]
+    need = re.search(r'HLO temporaries \(([\d.]+)G\)', message)
+    temporaries = int(float(need.group(1)) * GIB) if need else 0
+    return Program(method, batch_size, prompt_width, judge_width, None, time.time() - t0,
+                   MemoryUse(0, 0, 0, temporaries, 0), out_of_memory=message,
+                   trace_seconds=trace_seconds)
+  return Program(method, batch_size, prompt_width, judge_width, compiled, time.time() - t0,
+                 MemoryUse.of(compiled), trace_seconds=trace_seconds)
 
 
 def device_memory_bytes(devices: Sequence[Any]) -> Optional[int]:
@@ -132,6 +165,10 @@ def device_memory_bytes(devices: Sequence[Any]) -> Optional[int]:
 def fit_error(program: Program, limit_bytes: Optional[int]) -> Optional[str]:
   """A one-line reason why `program` cannot run in `limit_bytes` per device (None if
   it fits or no limit is known)."""
+  if program.out_of_memory:
+    return (f'the {program.describe()} does not fit the devices: {program.out_of_memory}; '
+            f'use more devices (--mesh), a smaller --batch_size, or plan one with '
+            f'python -m rain_jax.plan')
   if limit_bytes is None or program.memory.peak <= limit_bytes:
     return None
   m = program.memory

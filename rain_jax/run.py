@@ -116,9 +116,10 @@ def _run():
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
   done = results.done_keys(FLAGS.output)
+  budget = engine.program_budget(runners, FLAGS.max_programs)
   plans = {method: engine.plan_batches(
       runner, [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done],
-      FLAGS.batch_size, FLAGS.max_programs) for method, runner in runners.items()}
+      FLAGS.batch_size, budget[method]) for method, runner in runners.items()}
   # Compile every program the run needs and check that it fits, before loading weights.
   limit = (int(FLAGS.device_memory_gib * programs.GIB) if FLAGS.device_memory_gib
            else programs.device_memory_bytes(mesh.devices.flat))

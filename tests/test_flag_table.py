@@ -12,7 +12,9 @@ from rain_jax import config, flag_table, results, run, tasks
 # scripts/report.py, scripts/sweep.py).
 OLD_SELECTION_FLAGS = {'start', 'num_examples', 'shard_index', 'num_shards', 'method'}
 OLD_OPERATIONAL_FLAGS = {'output', 'allow_config_change', 'compilation_cache', 'batch_size',
-                         'mesh', 'distributed', 'scan_layers', 'dump_tree'}
+                         'mesh', 'distributed', 'scan_layers', 'dump_tree',
+                         # issue 9: how many programs a run compiles, the memory limit
+                         'max_programs', 'device_memory_gib'}
 OLD_TASK_FLAGS = {
     'adv': ('suffix_file',),
     'sentiment': ('target_sentiment',),
