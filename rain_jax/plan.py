@@ -179,10 +179,10 @@ def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
 def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
   """A mesh and batch size estimated to fit `usable_bytes`, scaled from one compile:
   parameters scale with 1/(fsdp x tensor), everything else with the rows and KV heads
-  one device holds. None when nothing on this slice is estimated to fit."""
+  one device holds. Prefers the largest batch, then no fsdp (decoding would gather every
+  weight at every step), then the least memory. None when nothing on this slice is
+  estimated to fit."""
   data, fsdp, tensor = mesh_shape
-  params = report['params_bytes'] * fsdp * min(tensor, config.num_kv_heads)
-  rest = report['peak_bytes'] - report['params_bytes']
 
   def rows_split(d, f, batch):
     return d * f if batch % (d * f) == 0 else 1
@@ -190,24 +190,26 @@ def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
   def heads_split(t):
     return t if config.num_kv_heads % t == 0 else 1
 
+  def weights_split(t):
+    return t if config.num_heads % t == 0 else 1
+
+  params = report['params_bytes'] * fsdp * weights_split(tensor)
+  rest = report['peak_bytes'] - report['params_bytes']
   per_row = rest * rows_split(data, fsdp, batch_size) * heads_split(tensor) / batch_size
-  best = None
+  candidates = []
   for t in (x for x in range(1, chips + 1) if chips % x == 0 and config.num_heads % x == 0):
     for f in (x for x in range(1, chips // t + 1) if (chips // t) % x == 0):
       d = chips // (t * f)
-      for batch in (batch_size, batch_size // 2, batch_size // 4, 1):
-        if batch < 1:
-          continue
-        need = (params / (f * heads_split(t))
+      for batch in sorted({batch_size, max(1, batch_size // 2), max(1, batch_size // 4), 1}):
+        need = (params / (f * t)
                 + per_row * batch / (rows_split(d, f, batch) * heads_split(t)))
-        if need <= usable_bytes and (best is None or batch > best['batch_size']
-                                     or (batch == best['batch_size']
-                                         and need < best['estimated_bytes'])):
-          best = {'mesh': f'{d},{f},{t}', 'batch_size': batch, 'estimated_bytes': int(need)}
-  if best:
-    best['estimated_gib'] = round(best.pop('estimated_bytes') / GIB, 2)
-    best['basis'] = 'scaled from this compile, not compiled'
-  return best
+        if need <= usable_bytes:
+          candidates.append((-batch, f > 1, need, f'{d},{f},{t}', batch))
+  if not candidates:
+    return None
+  _, _, need, mesh, batch = min(candidates)
+  return {'mesh': mesh, 'batch_size': batch, 'estimated_gib': round(need / GIB, 2),
+          'basis': 'scaled from this compile, not compiled'}
 
 
 def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):

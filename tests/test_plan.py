@@ -153,3 +153,21 @@ def test_plan_batches_pads_to_at_most_the_budget():
   # 3*192 + 320 = 896 (a tie; the smaller width is found first). Judge widths: the longest
   # judge prompt of each width's batches, bucketed: 650 -> 704, 900 -> 960.
   assert [widths for _, widths in plan] == [(128, 704), (320, 960), (128, 704), (320, 960)]
+
+
+def test_suggest_scales_from_the_compile():
+  gib = programs.GIB
+  config = type('Config', (), {'num_heads': 8, 'num_kv_heads': 8})
+  # Compiled on mesh 1,1,2 at batch 8: 10 GiB of parameters and 16 GiB peak per chip, so
+  # 20 GiB of parameters in all and 6 GiB of the rest at 2 KV-head groups: 1.5 GiB per
+  # row over all heads. On 4 chips with 12 GiB each: tensor 4 holds 20/4 = 5 GiB of
+  # parameters and 1.5 * 8 / 4 = 3 GiB of the rest: 8 GiB at batch 8. Meshes with fsdp
+  # reach the same 8 GiB but are not preferred; data 2 x tensor 2 needs 10 + 3 = 13.
+  report = {'params_bytes': 10 * gib, 'peak_bytes': 16 * gib}
+  got = plan.suggest(report, config, (1, 1, 2), 8, 4, 12 * gib)
+  assert got == {'mesh': '1,1,4', 'batch_size': 8, 'estimated_gib': 8.0,
+                 'basis': 'scaled from this compile, not compiled'}
+  # 7 GiB per chip: nothing holds batch 8; tensor 4 at batch 4 needs 5 + 1.5 = 6.5 GiB.
+  assert plan.suggest(report, config, (1, 1, 2), 8, 4, 7 * gib)['batch_size'] == 4
+  # 4 GiB: even the parameters alone (5 GiB on 4 chips) do not fit.
+  assert plan.suggest(report, config, (1, 1, 2), 8, 4, 4 * gib) is None
