@@ -4,7 +4,7 @@
 answers with the RAIN search (rain_jax/search.py), building the task's judge
 (rain_jax/judge.py) and the cache layouts (rain_jax/kvcache.py) it needs. Both place
 their inputs on the mesh with batch shardings. Prompt lengths are bucketed (multiples of
-64, or the few widths `plan_widths` chooses for a whole run) and short batches padded to
+64, or the few widths `plan_batches` chooses for a whole run) and short batches padded to
 the batch size, so a run compiles once per width. Programs compile from abstract
 arguments (rain_jax/programs.py), so they exist, with their memory use, before any
 weight is loaded; compile time is measured apart from run time.

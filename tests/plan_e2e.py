@@ -6,7 +6,8 @@ tests/test_plan.py; XLA_FLAGS must give 8 host devices before JAX starts).
 Plans the RAIN program of a tiny checkpoint on cpu:8 (mesh 2,2,2), then builds the same
 search for real on the same mesh, runs its initial state (policy cache, judge cache,
 tree) with real weights, and prints JSON comparing every array the planner lists with
-the real array's per-device shape and bytes, and the parameters' per-device bytes.
+the real array's per-device shape and bytes, and the parameters' per-device bytes; and
+the vanilla answers of one batch on the mesh and on one device.
 """
 import json
 import sys
@@ -55,9 +56,18 @@ for array in row['arrays']:
   compared.append(array['name'])
   if got != want:
     mismatches.append({'name': array['name'], 'planned': want, 'real': got})
+# The run path on the mesh: a vanilla batch through its AOT-compiled program (parameters
+# placed in the layouts it chose) answers as on one device.
+answers = {}
+for name, where in (('mesh', mesh), ('one', sharding.make_mesh('1,1,1', devices=devices[:1]))):
+  one_model = model if where is mesh else loading.load_model(hf_dir=hf_dir, tokenizer=tokenizer,
+                                                             mesh=where)
+  vanilla = engine.VanillaRunner(one_model, where, task, max_new_tokens=4)
+  answers[name] = [r['response_ids'] for r in vanilla.run_batch(batch, 4)]
 param_bytes = sum(int(x.addressable_shards[0].data.nbytes) for x in jax.tree.leaves(params))
 print(json.dumps({'compared': compared, 'mismatches': mismatches,
                   'planned_params_gib': row['params_gib'],
                   'real_params_gib': round(param_bytes / 2 ** 30, 3),
                   'xla_arguments_gib': row['xla_arguments_gib'],
-                  'fits': row['fits'], 'mesh': row['mesh']}))
+                  'fits': row['fits'], 'mesh': row['mesh'],
+                  'vanilla_mesh': answers['mesh'], 'vanilla_one_device': answers['one']}))

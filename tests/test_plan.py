@@ -104,6 +104,8 @@ def test_planner_matches_real_arrays_on_8_devices(tmp_path, tiny_llama_32k_dir):
   assert {'tree/tree/tokens', 'tree/record/tokens', 'tree/record/stats'} <= names
   assert report['planned_params_gib'] == report['real_params_gib'] > 0
   assert report['fits'] is None  # simulated CPU devices report no memory
+  assert report['vanilla_mesh'] == report['vanilla_one_device']
+  assert len(report['vanilla_mesh']) == 3 and all(len(a) == 4 for a in report['vanilla_mesh'])
 
 
 def test_run_refuses_a_program_that_cannot_fit(tmp_path, tiny_llama_32k_dir):
