@@ -88,13 +88,15 @@ def topology_devices(topology: Topology):
   from jax.experimental import topologies
   grids = GRID_3D if CORES_PER_CHIP[topology.kind] == 2 else GRID_2D
   grid = grids[topology.chips]
-  bounds = (2, 2, 1) if len(grid) == 3 else (2, 2)
-  bounds = tuple(min(b, g) for b, g in zip(bounds, grid))
+  # Hosts of 2 x 2 chips (fewer on smaller slices); libtpu wants three bounds, also for
+  # the 2-D v5e/v6e grids.
+  bounds = (min(2, grid[0]), min(2, grid[1]), 1)
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiles only; no TPU held
   try:
     desc = topologies.get_topology_desc(
         platform='tpu', topology_name=f'{topology.kind}:{"x".join(map(str, grid))}',
         chip_config_name=CHIP_CONFIG[topology.kind], chips_per_host_bounds=bounds,
-        num_slices=1, wrap=(False,) * len(grid))
+        num_slices=1, wrap=(False, False, False))
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(f'--topology={topology.name}: cannot describe the TPU slice ({e}); '
                      f'is the libtpu wheel that jax pins installed (pip install .[tpu])?')

@@ -16,6 +16,7 @@ only a program that chooses other layouts than the first is compiled again with 
 first's (and then copies what it must).
 """
 import dataclasses
+import logging
 import re
 import time
 from typing import Any, Optional, Sequence
@@ -24,6 +25,7 @@ import jax
 from jax.experimental.layout import Format, Layout
 
 GIB = 2 ** 30
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -32,14 +34,16 @@ class ParamPlacement:
 
   shardings: pytree of NamedSharding, like the parameters. formats: None until a program
   is compiled; then the pytree of `Format`s every program takes the parameters in.
+  auto: whether programs compile with Layout.AUTO parameters.
   """
   shardings: Any
   formats: Any = None
+  auto: bool = True  # False once a backend refused to choose the layouts
 
   def auto_spec(self):
     """The parameters' entry in a jit's in_shardings: their shardings, layouts AUTO."""
-    if self.shardings is None:
-      return None
+    if self.shardings is None or not self.auto:
+      return self.shardings
     return jax.tree.map(lambda s: Format(Layout.AUTO, s), self.shardings)
 
   def agrees(self, compiled) -> bool:
@@ -122,20 +126,33 @@ class Program:
     return f'{self.method} program (batch {self.batch_size}, {widths} tokens)'
 
 
+def _out_of_memory(error) -> bool:
+  return 'RESOURCE_EXHAUSTED' in str(error)
+
+
 def compile_program(method, batch_size, prompt_width, judge_width, build, args,
                     placement: ParamPlacement) -> Program:
   """Compiles `build(parameter in_shardings entry)` (a jitted function whose first
   argument is the parameters) for abstract `args`, parameter layouts AUTO; compiles
-  again with the placed layouts when it chose others (see the module docstring)."""
+  again with the placed layouts when it chose others (see the module docstring). A
+  backend that cannot choose layouts gets the default ones from then on."""
   t0 = time.time()
   lowered = build(placement.auto_spec()).lower(*args)
   trace_seconds = time.time() - t0
   try:
-    compiled = lowered.compile()
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      if _out_of_memory(e) or not placement.auto:
+        raise
+      logger.warning('compiling with XLA-chosen parameter layouts failed (%s); using the '
+                     'default layouts', str(e).splitlines()[0])
+      placement.auto = False
+      compiled = build(placement.auto_spec()).lower(*args).compile()
     if not placement.agrees(compiled):
       compiled = build(placement.formats).lower(*args).compile()
   except jax.errors.JaxRuntimeError as e:
-    if 'RESOURCE_EXHAUSTED' not in str(e):
+    if not _out_of_memory(e):
       raise
     message = str(e).strip().splitlines()[0]
     need = re.search(r'HLO temporaries \(([\d.]+)G\)', message)
