@@ -268,6 +268,12 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
       }
       kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
       row['temporaries_over_kv'] = round(program.memory.temporaries / kv, 2) if kv else None
+      if program.compiled is not None and program.memory.temporaries < kv:
+        # The caches live inside the program, so XLA holds them in fewer bytes than the
+        # sharding asked for (seen when the KV heads do not divide by 'tensor': the
+        # requested layout replicates heads, XLA's propagation splits something else).
+        row['note'] = ('XLA holds the caches in fewer bytes per device than the requested '
+                       'sharding; the cache rows above are the request, not what runs')
       if row['fits'] is False:
         row['suggestion'] = suggest(report, model.config, tuple(mesh.shape.values()),
                                     program.batch_size, topology.chips, limit)
