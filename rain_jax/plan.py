@@ -170,7 +170,7 @@ def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     where = (jax.sharding.NamedSharding(mesh, sharding.batch_spec(
         mesh.shape, len(leaf.shape), leaf.shape[0])) if mesh is not None else None)
-    local, size = _per_device(leaf.shape, leaf.dtype, where)
+    _, size = _per_device(leaf.shape, leaf.dtype, where)
     tree_bytes += size
     if size >= min_bytes:
       add('tree/' + sharding.path_name(path), leaf.shape, leaf.dtype, where)
