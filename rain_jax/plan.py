@@ -10,8 +10,9 @@ abstract arguments (no weights, no TPU needed: a TPU topology compiles through t
 `libtpu` wheel, `pip install .[tpu]`), and prints one JSON object per program: per-chip
 bytes of parameters, policy cache, judge cache, search tree, XLA's temporaries and peak,
 the chip's memory, whether it fits, compile seconds, the per-chip shape of each large
-array, and when it does not fit a suggested mesh and batch size (an estimate scaled
-from this compile). `rain_jax.run` makes the same check with the devices it sees.
+array, and when it does not fit a suggested mesh and batch size: the best candidate
+that compiled and fit (--verify_suggestions compiles, default 2), else an estimate
+scaled from this compile. `rain_jax.run` makes the same check with the devices it sees.
 
 Topologies: v4-N and v5p-N (N TensorCores, 2 per chip), v5e-N and v6e-N (N chips), and
 cpu:N (N simulated CPU devices; memory only with --device_memory_gib).
@@ -28,6 +29,9 @@ from rain_jax import run  # pylint: disable=unused-import  (defines the flags of
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('topology', 'cpu:1', 'v4-16, v5e-16, v5p-8, v6e-8, ... or cpu:N.')
+flags.DEFINE_integer('verify_suggestions', 2, 'When a program does not fit, compile up to '
+                     'this many of the best meshes and batch sizes estimated to fit (or '
+                     'nearly) and suggest the first that does; 0 = estimate only.')
 
 GIB = 2 ** 30
 # Chip memory (HBM) and the share a program may use, as the TPU compiler states it when
@@ -178,12 +182,12 @@ def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
           'judge_cache_bytes': judge_bytes, 'tree_bytes': tree_bytes, 'arrays': arrays}
 
 
-def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
-  """A mesh and batch size estimated to fit `usable_bytes`, scaled from one compile:
-  parameters scale with 1/(fsdp x tensor), everything else with the rows and KV heads
-  one device holds. Prefers the largest batch, then no fsdp (decoding would gather every
-  weight at every step), then the least memory. None when nothing on this slice is
-  estimated to fit."""
+def candidates(report: dict, config, mesh_shape, batch_size, chips):
+  """Meshes and batch sizes of this slice, best first, each with its per-device bytes
+  estimated from one compile: parameters scale with 1/(fsdp x tensor), everything else
+  with the rows and KV heads one device holds. Best: the largest batch, then no fsdp
+  (decoding would gather every weight at every step), then the least memory. Returns
+  [(estimated bytes, 'd,f,t', batch)]."""
   data, fsdp, tensor = mesh_shape
 
   def rows_split(d, f, batch):
@@ -198,20 +202,50 @@ def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
   params = report['params_bytes'] * fsdp * weights_split(tensor)
   rest = report['peak_bytes'] - report['params_bytes']
   per_row = rest * rows_split(data, fsdp, batch_size) * heads_split(tensor) / batch_size
-  candidates = []
+  found = []
   for t in (x for x in range(1, chips + 1) if chips % x == 0 and config.num_heads % x == 0):
     for f in (x for x in range(1, chips // t + 1) if (chips // t) % x == 0):
       d = chips // (t * f)
       for batch in sorted({batch_size, max(1, batch_size // 2), max(1, batch_size // 4), 1}):
         need = (params / (f * t)
                 + per_row * batch / (rows_split(d, f, batch) * heads_split(t)))
-        if need <= usable_bytes:
-          candidates.append((-batch, f > 1, need, f'{d},{f},{t}', batch))
-  if not candidates:
-    return None
-  _, _, need, mesh, batch = min(candidates)
-  return {'mesh': mesh, 'batch_size': batch, 'estimated_gib': round(need / GIB, 2),
-          'basis': 'scaled from this compile, not compiled'}
+        found.append((-batch, f > 1, need, f'{d},{f},{t}', batch))
+  return [(need, mesh, batch) for _, _, need, mesh, batch in sorted(found)]
+
+
+def suggest(report: dict, config, mesh_shape, batch_size, chips, usable_bytes):
+  """The best of `candidates` estimated to fit `usable_bytes` (None if none is)."""
+  for need, mesh, batch in candidates(report, config, mesh_shape, batch_size, chips):
+    if need <= usable_bytes:
+      return {'mesh': mesh, 'batch_size': batch, 'estimated_gib': round(need / GIB, 2),
+              'basis': 'scaled from this compile, not compiled'}
+  return None
+
+
+# A candidate estimated up to this much over the limit is still worth compiling: the
+# estimate scales every temporary with the rows, which overstates some (a 65B HH program
+# on v5e-16 needs 16.66 GiB of temporaries at batch 16 but 6.43 at batch 8).
+VERIFY_SLACK = 1.25
+
+
+def verified_suggestion(report, config, mesh, program, chips, limit, compile_at, tries):
+  """The best candidate that compiles and fits (compiled with `compile_at(mesh spec,
+  batch)` -> Program, at most `tries` compiles), else the best estimate, else None."""
+  for need, spec, batch in candidates(report, config, tuple(mesh.shape.values()),
+                                      program.batch_size, chips):
+    if tries <= 0 or need > VERIFY_SLACK * limit:
+      continue
+    if (spec, batch) == (','.join(str(mesh.shape[a]) for a in mesh.axis_names),
+                         program.batch_size):
+      continue
+    tries -= 1
+    other = compile_at(spec, batch)
+    if not other.out_of_memory and other.memory.peak <= limit:
+      return {'mesh': spec, 'batch_size': batch,
+              'peak_gib': round(other.memory.peak / GIB, 2),
+              'compile_s': round(other.compile_seconds, 1), 'basis': 'compiled'}
+  return suggest(report, config, tuple(mesh.shape.values()), program.batch_size, chips,
+                 limit)
 
 
 def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):
@@ -227,11 +261,10 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
                                     flag_values.shard_index, flag_values.num_shards)
   sampling = generate.SamplingParams(temperature=flag_values.temperature,
                                      top_k=flag_values.top_k, top_p=flag_values.top_p)
+  rain_config = tasks.rain_config(flag_values.task, **flag_table.rain_overrides(flag_values))
   runners = engine.make_runners(model, mesh, task, flag_values.method,
                                 max_new_tokens=flag_values.max_new_tokens, sampling=sampling,
-                                seed=flag_values.seed,
-                                rain_config=tasks.rain_config(
-                                    flag_values.task, **flag_table.rain_overrides(flag_values)),
+                                seed=flag_values.seed, rain_config=rain_config,
                                 dump_tree=flag_values.dump_tree)
   encoded = next(iter(runners.values())).encode(examples)
   limit = (int(flag_values.device_memory_gib * GIB) if flag_values.device_memory_gib
@@ -275,8 +308,17 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
         row['note'] = ('XLA holds the caches in fewer bytes per device than the requested '
                        'sharding; the cache rows above are the request, not what runs')
       if row['fits'] is False:
-        row['suggestion'] = suggest(report, model.config, tuple(mesh.shape.values()),
-                                    program.batch_size, topology.chips, limit)
+
+        def compile_at(spec, batch, method=method, widths=widths):
+          other_mesh = sharding.make_mesh(spec, devices=devices)
+          runner = engine.make_runners(
+              model, other_mesh, task, method, max_new_tokens=flag_values.max_new_tokens,
+              sampling=sampling, seed=flag_values.seed, rain_config=rain_config)[method]
+          return runner.program(batch, *widths)
+
+        row['suggestion'] = verified_suggestion(report, model.config, mesh, program,
+                                                topology.chips, limit, compile_at,
+                                                flag_values.verify_suggestions)
       row['arrays'] = report['arrays']
       rows.append(row)
   return rows

@@ -173,3 +173,31 @@ def test_suggest_scales_from_the_compile():
   assert plan.suggest(report, config, (1, 1, 2), 8, 4, 7 * gib)['batch_size'] == 4
   # 4 GiB: even the parameters alone (5 GiB on 4 chips) do not fit.
   assert plan.suggest(report, config, (1, 1, 2), 8, 4, 4 * gib) is None
+
+
+def test_verified_suggestion_compiles_the_best_candidates():
+  gib = programs.GIB
+  config = type('Config', (), {'num_heads': 8, 'num_kv_heads': 8})
+  mesh = type('Mesh', (), {'shape': {'data': 1, 'fsdp': 1, 'tensor': 2},
+                           'axis_names': ('data', 'fsdp', 'tensor')})()
+  program = programs.Program('rain', 8, 512, 1536, None, 1.0, programs.MemoryUse(0, 0, 0, 0, 0))
+  report = {'params_bytes': 10 * gib, 'peak_bytes': 16 * gib}
+  compiled = []
+
+  def compile_at(spec, batch):
+    compiled.append((spec, batch))
+    # Pretend only batch 4 on tensor 4 fits in 7 GiB (estimates: batch 8 there is 8 GiB).
+    peak = 6 * gib if (spec, batch) == ('1,1,4', 4) else 9 * gib
+    return programs.Program('rain', batch, 512, 1536, object(), 1.0,
+                            programs.MemoryUse(peak, 0, 0, 0, 0))
+
+  got = plan.verified_suggestion(report, config, mesh, program, 4, 7 * gib, compile_at, 3)
+  # Candidates within 1.25 x 7 = 8.75 GiB, best first: batch 8 on 1,1,4 (8 GiB; fsdp
+  # meshes come after), then 1,2,2 and 1,4,1 at batch 8 (fsdp), ... The first three
+  # tries at batch 8 fail; no try is left for batch 4, so the estimate is returned.
+  assert compiled == [('1,1,4', 8), ('1,2,2', 8), ('1,4,1', 8)]
+  assert got['basis'] == 'scaled from this compile, not compiled'
+  compiled.clear()
+  got = plan.verified_suggestion(report, config, mesh, program, 4, 7 * gib, compile_at, 5)
+  assert got == {'mesh': '1,1,4', 'batch_size': 4, 'peak_gib': 6.0, 'compile_s': 1.0,
+                 'basis': 'compiled'}
