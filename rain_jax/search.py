@@ -114,8 +114,10 @@ class Searcher:
   def __init__(self, model: kvcache.ModelFns, judge, cfg: RainConfig, prompt_width: int,
                embedder=None, mesh=None):
     """judge: a rain_jax.judge.Judge whose layout (if any) matches this search's (see
-    kvcache.judge_layout); embedder: see evaluator.Evaluator; mesh: when given, every
-    array of the search state is constrained to rows over the mesh's batch axes."""
+    kvcache.judge_layout); embedder: see evaluator.Evaluator; mesh: when given, the tree
+    state (trees, counters, commit records) is constrained to rows over the mesh's batch
+    axes. `generate` is the search jitted as it is; `generate_fn` the same function for
+    callers that jit it with their own shardings and layouts (engine.RainRunner)."""
     self.cfg = cfg
     self.mesh = mesh
     self.layout = kvcache.policy_layout(cfg, prompt_width)
