@@ -81,8 +81,8 @@ class LlamaConfig:
 class KVCache:
   """Keys and values of every layer: k, v [L, B, KVH, S, D] in the compute dtype.
 
-  Head-major, the layout attention reads (one [S, D] matrix per row and head), so a
-  write touches only the new slots and no step relays the cache out."""
+  Head-major, the layout attention reads (one [S, D] matrix per row and head); a write
+  touches only the new slots of one layer."""
   k: jax.Array
   v: jax.Array
 

@@ -9,11 +9,11 @@ Parameter layouts: programs compile with `Layout.AUTO` for the parameters, so XL
 each weight the way its matmuls read it, and the parameters are placed once in the
 layouts the first program chose. With the default layouts a scanned LLaMA-7B RAIN
 program on TPU v4 copied wq/wk/wv/w_gate/w_up into the layout it wanted inside the
-program: 2.2 GiB of temporaries per chip at 7B on 4 chips, 11 GiB at 65B on 8
-(docs/measurements.md). Handing a later program those same layouts as concrete formats
-brought the copies back (TPU v4, jax 0.10.2), so every program compiles with AUTO, and
-only a program that chooses other layouts than the first is compiled again with the
-first's (and then copies what it must).
+program: 2.1 GiB of temporaries per chip at 7B on 4 chips; the same stacks are 10.5 GiB
+per chip at 65B on 8 (docs/measurements.md). Handing a later program those same layouts
+as concrete formats brought the copies back (TPU v4, jax 0.10.2), so every program
+compiles with AUTO, and only a program that chooses other layouts than the first is
+compiled again with the first's (and then copies what it must).
 """
 import dataclasses
 import logging
