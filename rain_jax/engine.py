@@ -21,8 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from models import llama, registry
 from models.tokenizer import encode_continuation, encode_stop_sequences, token_tables
-from rain_jax import (generate, judge, kvcache, noise, programs, search, sharding, similarity,
-                      stopping)
+from rain_jax import (evaluator, generate, judge, kvcache, noise, programs, search, sharding,
+                      similarity, stopping)
 
 LENGTH_BUCKET = 64
 
@@ -112,6 +112,22 @@ def abstract_params(config, placement: programs.ParamPlacement):
                       shapes, placement.shardings)
 
 
+def row_sharding(mesh, ndim, batch_size):
+  """Sharding of a [B, ...] input: rows over the mesh's batch axes; None (the default
+  device) without a mesh or on one device, where a one-device NamedSharding on the
+  inputs made the CPU search program ~7% slower (SmolLM2, 3 prompts, min of 3 runs:
+  79.3 s vs 73.5 s)."""
+  if mesh is None or mesh.size == 1:
+    return None
+  return sharding.batch_sharding(mesh, ndim, batch_size)
+
+
+def place_rows(x, mesh, batch_size):
+  """A host [B, ...] array on the device(s) as `row_sharding` says."""
+  where = row_sharding(mesh, x.ndim, batch_size)
+  return jnp.asarray(x) if where is None else jax.device_put(x, where)
+
+
 class _PlacedParams:
   """The model's parameters in the layouts the programs take (placed once)."""
 
@@ -155,9 +171,6 @@ class VanillaRunner:
     """(prompt width, 0) of the default buckets for `batch`."""
     return min(bucket(self.longest(batch)[0]), self.model.config.max_seq_len - 1), 0
 
-  def _rows(self, ndim, batch_size):
-    return sharding.batch_sharding(self.mesh, ndim, batch_size) if self.mesh else None
-
   def program(self, batch_size, prompt_width, judge_width=0) -> programs.Program:
     """The compiled generate for [batch_size, prompt_width] prompts (compiled once)."""
     key = (batch_size, prompt_width)
@@ -169,7 +182,7 @@ class VanillaRunner:
           cache_sharding=(sharding.cache_sharding(
               self.mesh, llama.cache_shape(config, batch_size, cache_len))
               if self.mesh else None))
-      rows = lambda ndim: self._rows(ndim, batch_size)
+      rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
       build = lambda param_spec: jax.jit(
           lambda *a: generate.generate_fn(config, *a, settings=settings),
           in_shardings=(param_spec, rows(2), rows(1), rows(1), None, None))
@@ -193,8 +206,7 @@ class VanillaRunner:
     tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, width)
     seeds = np.array([noise.row_seed(self.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
-    put = lambda x: jax.device_put(x, self._rows(x.ndim, batch_size)) if self.mesh \
-        else jnp.asarray(x)
+    put = lambda x: place_rows(x, self.mesh, batch_size)
     params = self._params.get(self.model.params, self.placement)
     t0 = time.time()
     out = program.compiled(params, put(tokens), put(lengths), put(seeds),
@@ -329,13 +341,6 @@ class RainRunner:
     prompt, judge_len = self.longest(batch)
     return min(bucket(prompt), self.model.config.max_seq_len - 1), bucket(judge_len)
 
-  def _rows(self, ndim, batch_size):
-    # One device: no sharding. A one-device NamedSharding on the inputs made the CPU
-    # search program ~7% slower (SmolLM2, 3 prompts, min of 3 runs: 79.3 s vs 73.5 s).
-    if self.mesh is None or self.mesh.size == 1:
-      return None
-    return sharding.batch_sharding(self.mesh, ndim, batch_size)
-
   def program(self, batch_size, prompt_width, judge_width) -> programs.Program:
     """The compiled search for [batch_size, prompt_width] prompts and judge prompts of
     judge_width tokens (compiled once)."""
@@ -344,7 +349,7 @@ class RainRunner:
       task_judge = self.judge_for(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
       searcher = search.Searcher(self.fns, task_judge, self.cfg, prompt_width, self.embedder,
                                  mesh=self.mesh)
-      rows = lambda ndim: self._rows(ndim, batch_size)
+      rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
       abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
                                                            sharding=rows(len(shape)))
       build = lambda param_spec: jax.jit(searcher.generate_fn, in_shardings=(
@@ -364,10 +369,8 @@ class RainRunner:
   def tree_shapes(self, batch_size):
     """The search tree state of a batch, as ShapeDtypeStructs (what a program holds
     besides its caches; independent of the prompt widths)."""
-    width = bucket(1)
-    task_judge = self.judge_for(kvcache.policy_layout(self.cfg, width), bucket(1))
-    searcher = search.Searcher(self.fns, task_judge, self.cfg, width, self.embedder)
-    return jax.eval_shape(lambda: searcher.init_trees(batch_size))
+    embed_dim = evaluator.node_embed_dim(self.cfg, self.fns.hidden_size, self.embedder)
+    return jax.eval_shape(lambda: search.init_trees(self.cfg, embed_dim, batch_size))
 
   def _inputs(self, batch, batch_size, prompt_width, judge_width):
     """The search's arguments for `batch`, placed on the mesh."""
@@ -378,11 +381,7 @@ class RainRunner:
     judge_tokens, judge_lens = pad_batch(judge_rows, batch_size, judge_width)
     seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
-
-    def place(x):
-      rows = self._rows(x.ndim, batch_size)
-      return jnp.asarray(x) if rows is None else jax.device_put(x, rows)
-
+    place = lambda x: place_rows(x, self.mesh, batch_size)
     if self._on_mesh is None:
       self._on_mesh = replicate((self.tables, self.encoder), self.mesh)
     tables, encoder = self._on_mesh

@@ -137,6 +137,13 @@ def _rows(x):
   return jnp.arange(x.shape[0])
 
 
+def node_embed_dim(cfg: RainConfig, hidden_size: int, embedder=None) -> int:
+  """E: the width of the tree's node embeddings for cfg.similarity (1 when it is off)."""
+  if cfg.similarity == 'minilm':
+    return embedder.dim
+  return hidden_size if cfg.similarity == 'mean_hidden' else 1
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Evaluator:
   """The policy (model + cache layout), the judge and the embedder of one search.
@@ -161,9 +168,7 @@ class Evaluator:
   @property
   def embed_dim(self) -> int:
     """E: the width of the node embeddings (1 when similarity is off)."""
-    if self.cfg.similarity == 'minilm':
-      return self.embedder.dim
-    return self.model.hidden_size if self.cfg.similarity == 'mean_hidden' else 1
+    return node_embed_dim(self.cfg, self.model.hidden_size, self.embedder)
 
   # ---- the doors
 

@@ -24,8 +24,7 @@ import sys
 
 from absl import app, flags
 
-from rain_jax import flag_table
-from rain_jax import run  # pylint: disable=unused-import  (defines the flags of the run)
+from rain_jax import run  # defines the flags of the run; shares its steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('topology', 'cpu:1', 'v4-16, v5e-16, v5p-8, v6e-8, ... or cpu:N.')
@@ -125,6 +124,11 @@ def plan_model(flag_values):
   entry = registry.registry_entry(name)
   tokenizer = load_tokenizer(flag_values.tokenizer or entry.tokenizer_path)
   return loading.LoadedModel(name=name, config=config, params=None, tokenizer=tokenizer)
+
+
+def mesh_spec(mesh) -> str:
+  """'d,f,t': the --mesh spec of `mesh`."""
+  return ','.join(str(mesh.shape[axis]) for axis in mesh.axis_names)
 
 
 def _per_device(shape, dtype, where):
@@ -233,10 +237,9 @@ def verified_suggestion(report, config, mesh, program, chips, limit, compile_at,
   batch)` -> Program, at most `tries` compiles), else the best estimate, else None."""
   for need, spec, batch in candidates(report, config, tuple(mesh.shape.values()),
                                       program.batch_size, chips):
-    if tries <= 0 or need > VERIFY_SLACK * limit:
-      continue
-    if (spec, batch) == (','.join(str(mesh.shape[a]) for a in mesh.axis_names),
-                         program.batch_size):
+    if tries <= 0:
+      break
+    if need > VERIFY_SLACK * limit or (spec, batch) == (mesh_spec(mesh), program.batch_size):
       continue
     tries -= 1
     other = compile_at(spec, batch)
@@ -251,40 +254,29 @@ def verified_suggestion(report, config, mesh, program, chips, limit, compile_at,
 def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):
   """One dict per program of the run the flags describe, on `devices` (arrays of at
   least `min_array_bytes` per device listed)."""
-  from rain_jax import engine, generate, programs, results, sharding, tasks
+  from rain_jax import sharding
   mesh = sharding.make_mesh(flag_values.mesh, devices=devices)
   model = plan_model(flag_values)
-  task = tasks.get_task(flag_values.task, **tasks.task_options(
-      flag_values.task, flag_values.flag_values_dict()))
-  examples = results.shard_examples(task.load_examples(flag_values.start,
-                                                       flag_values.num_examples),
-                                    flag_values.shard_index, flag_values.num_shards)
-  sampling = generate.SamplingParams(temperature=flag_values.temperature,
-                                     top_k=flag_values.top_k, top_p=flag_values.top_p)
-  rain_config = tasks.rain_config(flag_values.task, **flag_table.rain_overrides(flag_values))
-  runners = engine.make_runners(model, mesh, task, flag_values.method,
-                                max_new_tokens=flag_values.max_new_tokens, sampling=sampling,
-                                seed=flag_values.seed, rain_config=rain_config,
-                                dump_tree=flag_values.dump_tree)
+  task, examples = run.chosen_examples(flag_values)
+  runners = run.make_runners(model, mesh, task, flag_values)
   encoded = next(iter(runners.values())).encode(examples)
   limit = (int(flag_values.device_memory_gib * GIB) if flag_values.device_memory_gib
            else topology.usable_bytes)
-  budget = engine.program_budget(runners, flag_values.max_programs)
+  plans = run.plan_runs(runners, examples, encoded, set(), flag_values)
   rows = []
   for method, runner in runners.items():
-    plan = engine.plan_batches(runner, list(zip(examples, encoded)), flag_values.batch_size,
-                               budget[method])
     counts = {}
-    for _, widths in plan:
+    for _, widths in plans[method]:
       counts[widths] = counts.get(widths, 0) + 1
     for widths, num_batches in counts.items():
       program = runner.program(flag_values.batch_size, *widths)
       report = array_report(runner, program, mesh, min_array_bytes)
       report['peak_bytes'] = (program.memory.peak if program.compiled is not None else
                               report['params_bytes'] + program.memory.temporaries)
+      kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
       row = {
           'program': method, 'model': model.name, 'task': task.name,
-          'topology': topology.name, 'mesh': ','.join(str(mesh.shape[a]) for a in mesh.axis_names),
+          'topology': topology.name, 'mesh': mesh_spec(mesh),
           'batch_size': program.batch_size, 'prompt_width': program.prompt_width,
           'judge_width': program.judge_width, 'batches': num_batches,
           'scan_layers': model.config.scan_layers, 'dtype': model.config.dtype,
@@ -293,13 +285,12 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
           **{k[:-6] + '_gib': round(v / GIB, 3) for k, v in report.items()
              if k.endswith('_bytes') and k != 'peak_bytes'},
           **{'xla_' + k: v for k, v in program.memory.as_gib().items()},
-          'kv_gib': round((report['policy_cache_bytes'] + report['judge_cache_bytes']) / GIB, 3),
+          'kv_gib': round(kv / GIB, 3),
           'device_memory_gib': round(limit / GIB, 2) if limit else None,
           'fits': (False if program.out_of_memory else
                    None if limit is None else program.memory.peak <= limit),
           'out_of_memory': program.out_of_memory or None,
       }
-      kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
       row['temporaries_over_kv'] = round(program.memory.temporaries / kv, 2) if kv else None
       if program.compiled is not None and program.memory.temporaries < kv:
         # The caches live inside the program, so XLA holds them in fewer bytes than the
@@ -311,10 +302,8 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
 
         def compile_at(spec, batch, method=method, widths=widths):
           other_mesh = sharding.make_mesh(spec, devices=devices)
-          runner = engine.make_runners(
-              model, other_mesh, task, method, max_new_tokens=flag_values.max_new_tokens,
-              sampling=sampling, seed=flag_values.seed, rain_config=rain_config)[method]
-          return runner.program(batch, *widths)
+          other = run.make_runners(model, other_mesh, task, flag_values)[method]
+          return other.program(batch, *widths)
 
         row['suggestion'] = verified_suggestion(report, model.config, mesh, program,
                                                 topology.chips, limit, compile_at,

@@ -61,10 +61,43 @@ def run_flag_values():
   return {flag.name: flag.value for flag in FLAGS.get_flags_for_module(sys.modules[__name__])}
 
 
-def rain_config_from_flags():
+def rain_config_from_flags(flag_values=FLAGS):
   """RainConfig: the task's reference constants, then any RAIN flag the user set."""
   from rain_jax import tasks
-  return tasks.rain_config(FLAGS.task, **flag_table.rain_overrides(FLAGS))
+  return tasks.rain_config(flag_values.task, **flag_table.rain_overrides(flag_values))
+
+
+def chosen_examples(flag_values=FLAGS):
+  """(task, the examples this process answers) as the task and selection flags say."""
+  from rain_jax import results, tasks
+  task = tasks.get_task(flag_values.task, **tasks.task_options(
+      flag_values.task, flag_values.flag_values_dict()))
+  examples = results.shard_examples(
+      task.load_examples(flag_values.start, flag_values.num_examples),
+      flag_values.shard_index, flag_values.num_shards)
+  return task, examples
+
+
+def make_runners(model, mesh, task, flag_values=FLAGS):
+  """engine.make_runners with the method, decoding and search the flags say."""
+  from rain_jax import engine, generate
+  sampling = generate.SamplingParams(temperature=flag_values.temperature,
+                                     top_k=flag_values.top_k, top_p=flag_values.top_p)
+  return engine.make_runners(model, mesh, task, flag_values.method,
+                             max_new_tokens=flag_values.max_new_tokens, sampling=sampling,
+                             seed=flag_values.seed,
+                             rain_config=rain_config_from_flags(flag_values),
+                             dump_tree=flag_values.dump_tree)
+
+
+def plan_runs(runners, examples, encoded, done, flag_values=FLAGS):
+  """{method: [(batch, widths)]} for the (example, method) pairs not in `done`, within
+  the run's --max_programs (engine.program_budget, engine.plan_batches)."""
+  from rain_jax import engine
+  budget = engine.program_budget(runners, flag_values.max_programs)
+  return {method: engine.plan_batches(
+      runner, [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done],
+      flag_values.batch_size, budget[method]) for method, runner in runners.items()}
 
 
 def main(argv):
@@ -80,7 +113,7 @@ def main(argv):
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
   import jax
-  from rain_jax import engine, generate, loading, programs, progress, results, sharding, tasks
+  from rain_jax import loading, programs, progress, results, sharding
 
   _check_flags()
   compilation_cache = FLAGS.compilation_cache
@@ -91,10 +124,7 @@ def _run():
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   sharding.initialize_distributed(FLAGS.distributed)
-  task = tasks.get_task(FLAGS.task, **tasks.task_options(FLAGS.task,
-                                                         FLAGS.flag_values_dict()))
-  examples = results.shard_examples(task.load_examples(FLAGS.start, FLAGS.num_examples),
-                                    FLAGS.shard_index, FLAGS.num_shards)
+  task, examples = chosen_examples()
   if not examples:
     logging.info('shard %d of %d holds none of the chosen examples; nothing to do',
                  FLAGS.shard_index, FLAGS.num_shards)
@@ -107,19 +137,10 @@ def _run():
                                  hf_dir=FLAGS.hf_dir, gguf_path=FLAGS.gguf,
                                  tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
                                  scan_layers=FLAGS.scan_layers)
-  sampling = generate.SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
-                                     top_p=FLAGS.top_p)
-  runners = engine.make_runners(model, mesh, task, FLAGS.method,
-                                max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
-                                seed=FLAGS.seed, rain_config=rain_config_from_flags(),
-                                dump_tree=FLAGS.dump_tree)
+  runners = make_runners(model, mesh, task)
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
-  done = results.done_keys(FLAGS.output)
-  budget = engine.program_budget(runners, FLAGS.max_programs)
-  plans = {method: engine.plan_batches(
-      runner, [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done],
-      FLAGS.batch_size, budget[method]) for method, runner in runners.items()}
+  plans = plan_runs(runners, examples, encoded, results.done_keys(FLAGS.output))
   # Compile every program the run needs and check that it fits, before loading weights.
   limit = (int(FLAGS.device_memory_gib * programs.GIB) if FLAGS.device_memory_gib
            else programs.device_memory_bytes(mesh.devices.flat))

@@ -84,6 +84,24 @@ class LeafRows:
     return x.reshape((-1, self.leaves) + x.shape[1:])
 
 
+def init_trees(cfg: RainConfig, embed_dim: int, batch: int, mesh=None) -> TreeState:
+  """The empty tree state of `batch` trees with node embeddings of width embed_dim (rows
+  over the batch axes of `mesh`, when given)."""
+  m = cfg.max_new_tokens
+  tree = jax.vmap(lambda _: tree_lib.init_tree(
+      cfg.num_nodes, cfg.max_children, cfg.max_tokens_per_node, embed_dim))(jnp.arange(batch))
+  zeros = jnp.zeros((batch,), jnp.int32)
+  return sharding.constrain_rows(TreeState(
+      tree=tree, sim=zeros, step_sims=zeros,
+      step_budget=jnp.full((batch,), max(cfg.max_T, 15), jnp.int32),
+      early=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), stop_reason=zeros,
+      stats={name: zeros for name in STAT_NAMES},
+      record=CommitRecord(
+          tokens=jnp.zeros((batch, m, cfg.max_children, cfg.max_tokens_per_node), jnp.int32),
+          stats=jnp.zeros((batch, m, cfg.max_children, 4), jnp.float32),
+          sims=jnp.zeros((batch, m), jnp.int32))), mesh)
+
+
 def _select_rows(mask, new, old):
   """Per-row choice between two pytrees with a leading batch axis."""
   def pick(a, b):
@@ -130,28 +148,8 @@ class Searcher:
     spread = self.rows.spread
     rows = self.evaluator.init_rows(params, spread(prompt_tokens), spread(prompt_lens),
                                     spread(seeds), jax.tree.map(spread, judge_inputs))
-    return SearchState(trees=self.init_trees(prompt_tokens.shape[0]), rows=rows)
-
-  def init_trees(self, batch: int) -> TreeState:
-    """The empty tree state of `batch` trees (rows over the mesh's batch axes)."""
-    cfg, m = self.cfg, self.cfg.max_new_tokens
-    tree = jax.vmap(lambda _: tree_lib.init_tree(
-        cfg.num_nodes, cfg.max_children, cfg.max_tokens_per_node,
-        self.evaluator.embed_dim))(jnp.arange(batch))
-    zeros = jnp.zeros((batch,), jnp.int32)
-    return self._pin(TreeState(
-        tree=tree, sim=zeros, step_sims=zeros,
-        step_budget=jnp.full((batch,), max(cfg.max_T, 15), jnp.int32),
-        early=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), stop_reason=zeros,
-        stats={name: zeros for name in STAT_NAMES},
-        record=CommitRecord(
-            tokens=jnp.zeros((batch, m, cfg.max_children, cfg.max_tokens_per_node), jnp.int32),
-            stats=jnp.zeros((batch, m, cfg.max_children, 4), jnp.float32),
-            sims=jnp.zeros((batch, m), jnp.int32))))
-
-  def _pin(self, trees: TreeState) -> TreeState:
-    """The tree state with rows over the mesh's batch axes (sharding.constrain_rows)."""
-    return sharding.constrain_rows(trees, self.mesh)
+    return SearchState(trees=init_trees(self.cfg, self.evaluator.embed_dim,
+                                        prompt_tokens.shape[0], self.mesh), rows=rows)
 
   # ---- commit (§2)
 
@@ -340,7 +338,7 @@ class Searcher:
       st = jax.lax.cond(jnp.any(active),
                         lambda s: self._simulate(params, tables, s, active, embed_params),
                         lambda s: s, st)
-      return st.replace(trees=self._pin(st.trees))
+      return st.replace(trees=sharding.constrain_rows(st.trees, self.mesh))
 
     st = jax.lax.while_loop(lambda st: jnp.any(~st.trees.done), body, st)
     ts = st.trees
