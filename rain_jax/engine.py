@@ -128,18 +128,6 @@ def place_rows(x, mesh, batch_size):
   return jnp.asarray(x) if where is None else jax.device_put(x, where)
 
 
-class _PlacedParams:
-  """The model's parameters in the layouts the programs take (placed once)."""
-
-  def __init__(self):
-    self._source = self._placed = None
-
-  def get(self, params, placement: programs.ParamPlacement):
-    if params is not self._source:
-      self._source, self._placed = params, placement.place(params)
-    return self._placed
-
-
 @dataclasses.dataclass(eq=False)
 class VanillaRunner:
   """Vanilla decoding of a task's prompts on a mesh (model: loading.LoadedModel)."""
@@ -158,7 +146,6 @@ class VanillaRunner:
     if self.placement is None:
       self.placement = param_placement(self.model.config, self.mesh)
     self._programs = {}
-    self._params = _PlacedParams()
 
   def encode(self, examples):
     return encode_prompts(self.model.tokenizer, self.model.config, examples)
@@ -207,7 +194,7 @@ class VanillaRunner:
     seeds = np.array([noise.row_seed(self.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
     put = lambda x: place_rows(x, self.mesh, batch_size)
-    params = self._params.get(self.model.params, self.placement)
+    params = self.placement.place(self.model.params)
     t0 = time.time()
     out = program.compiled(params, put(tokens), put(lengths), put(seeds),
                            self.stop_sequences, jnp.int32(self.model.tokenizer.eos_id))
@@ -306,7 +293,6 @@ class RainRunner:
     self._on_mesh = None  # (tables, encoder) on the mesh, placed at the first batch
     self.placement = placement or param_placement(model.config, mesh)
     self._programs = {}
-    self._params = _PlacedParams()
 
   def encode(self, examples):
     return encode_prompts(self.model.tokenizer, self.model.config, examples)
@@ -385,7 +371,7 @@ class RainRunner:
     if self._on_mesh is None:
       self._on_mesh = replicate((self.tables, self.encoder), self.mesh)
     tables, encoder = self._on_mesh
-    return (self._params.get(self.model.params, self.placement), tables, place(tokens),
+    return (self.placement.place(self.model.params), tables, place(tokens),
             place(lengths), place(seeds),
             {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, encoder)
 

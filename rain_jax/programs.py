@@ -39,6 +39,8 @@ class ParamPlacement:
   shardings: Any
   formats: Any = None
   auto: bool = True  # False once a backend refused to choose the layouts
+  _source: Any = dataclasses.field(default=None, repr=False)  # what `place` was given
+  _placed: Any = dataclasses.field(default=None, repr=False)  # and what it returned
 
   def auto_spec(self):
     """The parameters' entry in a jit's in_shardings: their shardings, layouts AUTO."""
@@ -57,10 +59,14 @@ class ParamPlacement:
     return _layouts(chosen) == _layouts(self.formats)
 
   def place(self, params):
-    """params laid out as the programs take them (a copy only where they differ)."""
+    """params laid out as the programs take them (a copy only where they differ), placed
+    once for all the runners that share this placement: a second copy of 65B weights
+    would not fit."""
     if self.formats is None:
       return params
-    return jax.device_put(params, self.formats)
+    if params is not self._source:
+      self._source, self._placed = params, jax.device_put(params, self.formats)
+    return self._placed
 
 
 def _layouts(formats):
