@@ -58,14 +58,16 @@ class ParamPlacement:
       self.formats = chosen
     return _layouts(chosen) == _layouts(self.formats)
 
-  def place(self, params):
+  def place(self, params, donate=False):
     """params laid out as the programs take them (a copy only where they differ), placed
     once for all the runners that share this placement: a second copy of 65B weights
-    would not fit."""
+    would not fit. donate: give up each source array as its copy is made (then use only
+    the result), so a relayout holds at most one extra array at a time."""
     if self.formats is None:
       return params
-    if params is not self._source:
-      self._source, self._placed = params, jax.device_put(params, self.formats)
+    if params is not self._source and params is not self._placed:
+      self._source, self._placed = params, jax.device_put(params, self.formats,
+                                                          donate=donate)
     return self._placed
 
 

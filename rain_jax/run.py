@@ -152,7 +152,9 @@ def _run():
       problem = programs.fit_error(program, limit)
       if problem:
         raise InputError(problem)
-  model.params = loading.load_params(model, runners[next(iter(runners))].placement.shardings)
+  placement = next(iter(runners.values())).placement  # shared by the runners
+  model.params = placement.place(loading.load_params(model, placement.shardings),
+                                 donate=True)
   with results.ResultWriter(FLAGS.output) as writer:
     results.record_session(FLAGS.output, run_flag_values(), results.session_record(
         run_flag_values(), model.name, sum(x.size for x in jax.tree.leaves(model.params))))
