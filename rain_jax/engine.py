@@ -9,6 +9,7 @@ the batch size, so a run compiles once per width. Programs compile from abstract
 arguments (rain_jax/programs.py), so they exist, with their memory use, before any
 weight is loaded; compile time is measured apart from run time.
 """
+import collections
 import dataclasses
 import time
 from typing import Any
@@ -293,6 +294,8 @@ class RainRunner:
     self._on_mesh = None  # (tables, encoder) on the mesh, placed at the first batch
     self.placement = placement or param_placement(model.config, mesh)
     self._programs = {}
+    self._streams = {}    # (batch, widths) -> StreamPrograms
+    self._searchers = {}  # widths -> search.Searcher
 
   def encode(self, examples):
     return encode_prompts(self.model.tokenizer, self.model.config, examples)
@@ -332,25 +335,74 @@ class RainRunner:
     judge_width tokens (compiled once)."""
     key = (batch_size, prompt_width, judge_width)
     if key not in self._programs:
-      task_judge = self.judge_for(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
-      searcher = search.Searcher(self.fns, task_judge, self.cfg, prompt_width, self.embedder,
-                                 mesh=self.mesh)
+      searcher = self._searcher(prompt_width, judge_width)
       rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
-      abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype,
-                                                           sharding=rows(len(shape)))
       build = lambda param_spec: jax.jit(searcher.generate_fn, in_shardings=(
-          param_spec, None, rows(2), rows(1), rows(1),
-          {'tokens': rows(2), 'lens': rows(1)}, None))
+          param_spec, None, *_prompt_shardings(rows), None))
       args = (abstract_params(self.model.config, self.placement),
               abstract_like(self.tables, self.mesh),
-              abstract((batch_size, prompt_width), jnp.int32),
-              abstract((batch_size,), jnp.int32), abstract((batch_size,), jnp.uint32),
-              {'tokens': abstract((batch_size, judge_width), jnp.int32),
-               'lens': abstract((batch_size,), jnp.int32)},
+              *_abstract_prompts(batch_size, prompt_width, judge_width, rows),
               abstract_like(self.encoder, self.mesh))
       self._programs[key] = programs.compile_program('rain', batch_size, prompt_width,
                                                      judge_width, build, args, self.placement)
     return self._programs[key]
+
+  def _searcher(self, prompt_width, judge_width) -> search.Searcher:
+    """The search for prompts of prompt_width and judge prompts of judge_width tokens
+    (built once; shared by the batch and stream programs of those widths)."""
+    key = (prompt_width, judge_width)
+    if key not in self._searchers:
+      task_judge = self.judge_for(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
+      self._searchers[key] = search.Searcher(self.fns, task_judge, self.cfg, prompt_width,
+                                             self.embedder, mesh=self.mesh)
+    return self._searchers[key]
+
+  def stream_programs(self, batch_size, prompt_width, judge_width) -> 'StreamPrograms':
+    """The compiled programs of continuous batching (`run_stream`) for batch_size rows of
+    prompt_width-token prompts and judge_width-token judge prompts (compiled once):
+
+      start(params, tokens [B, W], lens [B], seeds [B], judge {'tokens': [B, Wj],
+            'lens': [B]}, filled [B] bool) -> state
+      refill(params, state, tree int32, tokens [1, W], lens [1], seeds [1],
+             judge {'tokens': [1, Wj], 'lens': [1]}) -> state        (state donated)
+      advance(params, tables, state, encoder) -> (state, outputs)    (state donated)
+
+    The state stays on the devices between calls; refill and advance take it in the
+    shardings start gives it and give it back in the same ones. outputs: the [B, ...]
+    results of `search.Searcher._outputs`, `done` included."""
+    key = (batch_size, prompt_width, judge_width)
+    if key not in self._streams:
+      searcher = self._searcher(prompt_width, judge_width)
+      rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
+      one = _one_sharding(self.mesh)
+      params = abstract_params(self.model.config, self.placement)
+      batch_inputs = _abstract_prompts(batch_size, prompt_width, judge_width, rows)
+      filled = jax.ShapeDtypeStruct((batch_size,), bool, sharding=rows(1))
+      compile_one = lambda name, build, args: programs.compile_program(
+          name, batch_size, prompt_width, judge_width, build, args, self.placement)
+      start = compile_one('rain_start', lambda param_spec: jax.jit(
+          searcher.start_fn, in_shardings=(param_spec, *_prompt_shardings(rows), rows(1))),
+                          (params, *batch_inputs, filled))
+      state_spec = (start.compiled.output_shardings if one is not None
+                    and start.compiled is not None else None)
+      state = _placed_shapes(jax.eval_shape(searcher.start_fn, params, *batch_inputs, filled),
+                             state_spec)
+      keep_state = {} if state_spec is None else {'out_shardings': state_spec}
+      refill = compile_one('rain_refill', lambda param_spec: jax.jit(
+          searcher.refill_fn, in_shardings=(param_spec, state_spec, one,
+                                            *_prompt_shardings(lambda ndim: one)),
+          donate_argnums=1, **keep_state),
+                           (params, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=one),
+                            *_abstract_prompts(1, prompt_width, judge_width,
+                                               lambda ndim: one)))
+      keep_state = {} if state_spec is None else {'out_shardings': (state_spec, None)}
+      advance = compile_one('rain_advance', lambda param_spec: jax.jit(
+          searcher.advance_fn, in_shardings=(param_spec, None, state_spec, None),
+          donate_argnums=2, **keep_state),
+                            (params, abstract_like(self.tables, self.mesh), state,
+                             abstract_like(self.encoder, self.mesh)))
+      self._streams[key] = StreamPrograms(start, refill, advance)
+    return self._streams[key]
 
   def tree_shapes(self, batch_size):
     """The search tree state of a batch, as ShapeDtypeStructs (what a program holds
@@ -358,22 +410,39 @@ class RainRunner:
     embed_dim = evaluator.node_embed_dim(self.cfg, self.fns.hidden_size, self.embedder)
     return jax.eval_shape(lambda: search.init_trees(self.cfg, embed_dim, batch_size))
 
-  def _inputs(self, batch, batch_size, prompt_width, judge_width):
-    """The search's arguments for `batch`, placed on the mesh."""
+  def _host_inputs(self, batch, batch_size, prompt_width, judge_width):
+    """(tokens [B, W], lens [B], seeds [B] uint32, {'tokens': [B, Wj], 'lens': [B]}) of
+    `batch` (list of (Example, prompt ids)) as numpy, B = batch_size (missing rows repeat
+    the first example's prompts, seed 0). ValueError when a prompt is longer than its
+    width."""
     examples = [ex for ex, _ in batch]
     tok = self.model.tokenizer
     judge_rows = [judge_prompt_ids(tok, self.task, ex) for ex in examples]
+    for (ex, ids), judge_ids in zip(batch, judge_rows):
+      if len(ids) > prompt_width or len(judge_ids) > judge_width:
+        raise ValueError(f'example {ex.id!r} has {len(ids)} prompt and {len(judge_ids)} '
+                         f'judge prompt tokens; the program holds {prompt_width} and '
+                         f'{judge_width}')
     tokens, lengths = pad_batch([ids for _, ids in batch], batch_size, prompt_width)
     judge_tokens, judge_lens = pad_batch(judge_rows, batch_size, judge_width)
     seeds = np.array([noise.row_seed(self.cfg.seed, ex.index) for ex in examples]
                      + [0] * (batch_size - len(examples)), np.uint32)
-    place = lambda x: place_rows(x, self.mesh, batch_size)
+    return tokens, lengths, seeds, {'tokens': judge_tokens, 'lens': judge_lens}
+
+  def _shared(self):
+    """(parameters, tables, encoder) as the programs take them (placed once)."""
     if self._on_mesh is None:
       self._on_mesh = replicate((self.tables, self.encoder), self.mesh)
     tables, encoder = self._on_mesh
-    return (self.placement.place(self.model.params), tables, place(tokens),
-            place(lengths), place(seeds),
-            {'tokens': place(judge_tokens), 'lens': place(judge_lens)}, encoder)
+    return self.placement.place(self.model.params), tables, encoder
+
+  def _inputs(self, batch, batch_size, prompt_width, judge_width):
+    """The search's arguments for `batch`, placed on the mesh."""
+    place = lambda x: place_rows(x, self.mesh, batch_size)
+    inputs = jax.tree.map(place, self._host_inputs(batch, batch_size, prompt_width,
+                                                   judge_width))
+    params, tables, encoder = self._shared()
+    return (params, tables, *inputs, encoder)
 
   def run_batch(self, batch, batch_size, widths=None):
     """batch: list of (Example, prompt ids); widths: (prompt width, judge width) from a
@@ -387,22 +456,153 @@ class RainRunner:
     out = to_host(program.compiled(*args))
     seconds = time.time() - t0
     run = BatchRun('rain', seconds, len(batch), compile_seconds, self.cfg.seed)
-    records = []
-    for i, (ex, ids) in enumerate(batch):
-      new_ids = [int(t) for t in out['answer'][i, :int(out['answer_len'][i])]]
-      reason = stopping.STOP_REASONS[int(out['stop_reason'][i])]
-      stats = {k: int(v[i]) for k, v in out['stats'].items()}
-      record = {
-          **answer_record(self.task, self.model.tokenizer, ex, ids, new_ids, reason, run),
-          'search': {**stats, 'capacity_overflows': int(out['overflow'][i]),
-                     'widenings': int(out['widenings'][i]),
-                     'shared_updates': int(out['shared_updates'][i])},
-          'rain_config': dataclasses.asdict(self.cfg),
-      }
-      if self.dump_tree:
-        record['tree_dump'] = tree_dump(self.model.tokenizer, out, i, stats['committed_sets'])
-      records.append(record)
-    return records
+    return [self._record(ex, ids, out, i, run) for i, (ex, ids) in enumerate(batch)]
+
+  def _record(self, ex, ids, out, row, run: BatchRun):
+    """The record of example `ex` (prompt ids `ids`) from row `row` of the search's
+    outputs `out` (on the host)."""
+    new_ids = [int(t) for t in out['answer'][row, :int(out['answer_len'][row])]]
+    reason = stopping.STOP_REASONS[int(out['stop_reason'][row])]
+    stats = {k: int(v[row]) for k, v in out['stats'].items()}
+    record = {
+        **answer_record(self.task, self.model.tokenizer, ex, ids, new_ids, reason, run),
+        'search': {**stats, 'capacity_overflows': int(out['overflow'][row]),
+                   'widenings': int(out['widenings'][row]),
+                   'shared_updates': int(out['shared_updates'][row])},
+        'rain_config': dataclasses.asdict(self.cfg),
+    }
+    if self.dump_tree:
+      record['tree_dump'] = tree_dump(self.model.tokenizer, out, row, stats['committed_sets'])
+    return record
+
+  def run_stream(self, items, batch_size, widths=None):
+    """Continuous batching: answers `items` (list of (Example, prompt ids), every one
+    fitting `widths`, default `self.widths(items)`) on batch_size rows, a finished row
+    taking the next example while the others keep searching. Yields each example's
+    record as soon as it is read out, in finish order (rows finishing in the same tick:
+    in row order).
+
+    A record equals the one `run_batch` gives the example except for its timing fields:
+    `seconds` is the example's share of the stream's wall time (its refill, and of each
+    advance an equal share among the examples searching during it; the start call is
+    shared among the examples it fills), so the records' seconds add up to the stream's
+    time as run_batch's do; `batch_seconds` is its latency, from the call that filled
+    its row to its read-out; `batch_size` is the number of rows; `compile_seconds` the
+    stream programs' compile time on the examples of the first fill when they were
+    compiled by this call (else 0).
+
+    Every decision (which rows finished) is taken from gathered outputs (`to_host`), so
+    all processes of a multi-host run take the same ones."""
+    if not items:
+      return
+    prompt_width, judge_width = widths or self.widths(items)
+    fresh = (batch_size, prompt_width, judge_width) not in self._streams
+    progs = self.stream_programs(batch_size, prompt_width, judge_width)
+    compile_seconds = sum(p.compile_seconds for p in progs.all()) if fresh else 0.0
+    params, tables, encoder = self._shared()
+    one = _one_sharding(self.mesh)
+    place_one = lambda x: jnp.asarray(x) if one is None else jax.device_put(x, one)
+    # occupants[row]: the index in `items` of the example the row searches, or None.
+    occupants = [i if i < len(items) else None for i in range(batch_size)]
+    following = iter(range(batch_size, len(items)))
+    inputs = jax.tree.map(lambda x: place_rows(x, self.mesh, batch_size), self._host_inputs(
+        items[:batch_size], batch_size, prompt_width, judge_width))
+    filled = place_rows(np.array([i is not None for i in occupants]), self.mesh, batch_size)
+    clock = _StreamClock(time.time())
+    state = jax.block_until_ready(progs.start.compiled(params, *inputs, filled))
+    clock.charge(occupants, time.time())
+    while any(i is not None for i in occupants):
+      state, out = progs.advance.compiled(params, tables, state, encoder)
+      out = to_host(out)
+      clock.charge(occupants, time.time())
+      finished = [row for row, i in enumerate(occupants)
+                  if i is not None and bool(out['done'][row])]
+      if not finished:
+        raise RuntimeError('a stream advance finished no row while rows were searching')
+      for row in finished:
+        i, occupants[row] = occupants[row], None
+        seconds, latency = clock.finish(i, time.time())
+        run = BatchRun('rain', latency, 1, compile_seconds if i < batch_size else 0.0,
+                       self.cfg.seed)
+        record = self._record(*items[i], out, row, run)
+        record.update(seconds=seconds, batch_seconds=latency, batch_size=batch_size)
+        yield record
+        clock.skip(time.time())  # the caller's time is no example's
+        i = next(following, None)
+        if i is not None:
+          host = self._host_inputs([items[i]], 1, prompt_width, judge_width)
+          state = jax.block_until_ready(progs.refill.compiled(
+              params, state, place_one(np.int32(row)), *jax.tree.map(place_one, host)))
+          occupants[row] = i
+          clock.charge([i], time.time())
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamPrograms:
+  """The compiled programs of continuous batching at one (batch size, widths); see
+  `RainRunner.stream_programs`."""
+  start: programs.Program
+  refill: programs.Program
+  advance: programs.Program
+
+  def all(self) -> tuple:
+    return (self.start, self.refill, self.advance)
+
+
+class _StreamClock:
+  """Wall time of a stream, charged to the examples it served (see run_stream).
+
+  Examples are keys (their index in the stream). `charge(keys, now)` splits the time
+  since the last charge or skip equally among `keys` (None entries ignored: empty rows);
+  `skip(now)` charges the time since then to no one; `finish(key, now)` returns (the
+  key's charged seconds, its latency: now minus the start of its first charged span)."""
+
+  def __init__(self, now):
+    self.last = now
+    self.seconds = {}
+    self.started = {}
+
+  def charge(self, keys, now):
+    live = [key for key in keys if key is not None]
+    for key in live:
+      self.started.setdefault(key, self.last)
+      self.seconds[key] = self.seconds.get(key, 0.0) + (now - self.last) / len(live)
+    self.last = now
+
+  def skip(self, now):
+    self.last = now
+
+  def finish(self, key, now):
+    return self.seconds.pop(key), now - self.started.pop(key)
+
+
+def _one_sharding(mesh):
+  """Where a stream's one-prompt refill inputs live: replicated over a mesh of several
+  devices, else the default device (None)."""
+  return NamedSharding(mesh, PartitionSpec()) if mesh is not None and mesh.size > 1 else None
+
+
+def _abstract_prompts(batch_size, prompt_width, judge_width, where):
+  """ShapeDtypeStructs of the search's prompt inputs (tokens, lens, seeds, judge) for
+  batch_size rows; where(ndim) -> sharding (or None)."""
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=where(len(shape)))
+  return (abstract((batch_size, prompt_width), jnp.int32), abstract((batch_size,), jnp.int32),
+          abstract((batch_size,), jnp.uint32),
+          {'tokens': abstract((batch_size, judge_width), jnp.int32),
+           'lens': abstract((batch_size,), jnp.int32)})
+
+
+def _prompt_shardings(where):
+  """in_shardings entries of the prompt inputs (tokens, lens, seeds, judge)."""
+  return (where(2), where(1), where(1), {'tokens': where(2), 'lens': where(1)})
+
+
+def _placed_shapes(shapes, shardings):
+  """ShapeDtypeStructs `shapes` on `shardings` (a like pytree, or None: unplaced)."""
+  if shardings is None:
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), shapes)
+  return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where),
+                      shapes, shardings)
 
 
 def make_runners(model, mesh, task, method, *, max_new_tokens, sampling, seed, rain_config,

@@ -102,6 +102,23 @@ def init_trees(cfg: RainConfig, embed_dim: int, batch: int, mesh=None) -> TreeSt
           sims=jnp.zeros((batch, m), jnp.int32))), mesh)
 
 
+def write_rows(full, fresh, start):
+  """`full` with the rows of `fresh` written from row `start` (int or int32 scalar) on.
+
+  Both are pytrees of the same structure whose leaves differ only in their number of
+  rows; a leaf's row axis is the one axis where the two shapes differ (the batch axis of
+  [L, R, KVH, S, D] caches is 1, of most leaves 0). A leaf of equal shapes (R equal on
+  both sides) is taken whole from `fresh`."""
+  def put(old, new):
+    differ = [i for i, (a, b) in enumerate(zip(old.shape, new.shape)) if a != b]
+    if old.ndim != new.ndim or len(differ) > 1:
+      raise ValueError(f'cannot write rows of shape {new.shape} into {old.shape}')
+    if not differ:
+      return new.astype(old.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(old, new.astype(old.dtype), start, differ[0])
+  return jax.tree.map(put, full, fresh)
+
+
 def _select_rows(mask, new, old):
   """Per-row choice between two pytrees with a leading batch axis."""
   def pick(a, b):
@@ -143,6 +160,8 @@ class Searcher:
     self.rows = LeafRows(cfg.parallel_leaves)
     self.generate_fn = self._generate
     self.generate = jax.jit(self._generate)
+    # Continuous batching (engine.RainRunner.run_stream): start / refill / advance.
+    self.start_fn, self.refill_fn, self.advance_fn = self._start, self._refill, self._advance
 
   def _init_state(self, params, prompt_tokens, prompt_lens, seeds, judge_inputs):
     spread = self.rows.spread
@@ -317,6 +336,29 @@ class Searcher:
 
   # ---- the whole generation
 
+  def _tick(self, params, tables, st, embed_params):
+    """One tick: commit the trees whose outer step is over, then one simulation (P
+    leaves) for every tree not done."""
+    ts = st.trees
+    need = ~ts.done & (ts.early | (ts.step_sims >= ts.step_budget))
+    st = jax.lax.cond(jnp.any(need), lambda s: self._commit(params, tables, s, need),
+                      lambda s: s, st)
+    active = ~st.trees.done
+    st = jax.lax.cond(jnp.any(active),
+                      lambda s: self._simulate(params, tables, s, active, embed_params),
+                      lambda s: s, st)
+    return st.replace(trees=sharding.constrain_rows(st.trees, self.mesh))
+
+  def _outputs(self, st):
+    """The per-tree results of a state, a dict of [B, ...] arrays (see `_generate`)."""
+    ts = st.trees
+    return dict(answer=self.rows.first(st.rows.answer),
+                answer_len=self.rows.first(st.rows.answer_len), stop_reason=ts.stop_reason,
+                stats=ts.stats, dump_tokens=ts.record.tokens, dump_stats=ts.record.stats,
+                dump_sims=ts.record.sims, overflow=ts.tree.overflow,
+                widenings=ts.tree.widenings, shared_updates=ts.tree.shared_updates,
+                done=ts.done)
+
   def _generate(self, params, tables: SearchTables, prompt_tokens, prompt_lens, seeds,
                 judge_inputs, embed_params=None):
     """RAIN answers for a batch of B prompts.
@@ -326,24 +368,42 @@ class Searcher:
     parameters ('minilm'; None otherwise). Returns a dict of [B, ...] arrays:
     answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims
     (root children at each commit), overflow (tree children that did not fit), widenings
-    (children added by widening), shared_updates (sibling value shares)."""
+    (children added by widening), shared_updates (sibling value shares), done (all
+    True here)."""
     st = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)
+    st = jax.lax.while_loop(lambda st: jnp.any(~st.trees.done),
+                            lambda st: self._tick(params, tables, st, embed_params), st)
+    return self._outputs(st)
 
-    def body(st):
-      ts = st.trees
-      need = ~ts.done & (ts.early | (ts.step_sims >= ts.step_budget))
-      st = jax.lax.cond(jnp.any(need), lambda s: self._commit(params, tables, s, need),
-                        lambda s: s, st)
-      active = ~st.trees.done
-      st = jax.lax.cond(jnp.any(active),
-                        lambda s: self._simulate(params, tables, s, active, embed_params),
-                        lambda s: s, st)
-      return st.replace(trees=sharding.constrain_rows(st.trees, self.mesh))
+  # ---- continuous batching: the same ticks over a state the caller keeps and refills
 
-    st = jax.lax.while_loop(lambda st: jnp.any(~st.trees.done), body, st)
-    ts = st.trees
-    return dict(answer=self.rows.first(st.rows.answer),
-                answer_len=self.rows.first(st.rows.answer_len), stop_reason=ts.stop_reason,
-                stats=ts.stats, dump_tokens=ts.record.tokens, dump_stats=ts.record.stats,
-                dump_sims=ts.record.sims, overflow=ts.tree.overflow,
-                widenings=ts.tree.widenings, shared_updates=ts.tree.shared_updates)
+  def _start(self, params, prompt_tokens, prompt_lens, seeds, judge_inputs, filled):
+    """A search state for B trees (arguments as `_generate`); trees where filled [B] is
+    False start done: empty rows that no tick touches until `_refill` gives them a
+    prompt."""
+    st = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)
+    return st.replace(trees=st.trees.replace(done=st.trees.done | ~filled))
+
+  def _refill(self, params, st, tree, prompt_tokens, prompt_lens, seeds, judge_inputs):
+    """`st` with tree `tree` (int32 scalar) and its P rows started afresh on one new
+    prompt: prompt_tokens [1, W], prompt_lens [1], seeds [1], judge_inputs [1, ...].
+    The new tree's caches, tree, counters and records are exactly those `_init_state`
+    gives a batch of that one prompt; the other trees are untouched."""
+    fresh = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)
+    trees = write_rows(st.trees, fresh.trees, tree)
+    return SearchState(trees=sharding.constrain_rows(trees, self.mesh),
+                       rows=write_rows(st.rows, fresh.rows, tree * self.rows.leaves))
+
+  def _advance(self, params, tables: SearchTables, st, embed_params=None):
+    """Ticks until a tree that was searching at the call finishes, or none searches.
+    Returns (state, `_outputs` of it): `done` tells the caller which trees to read out
+    (those it had filled and that are done now)."""
+    entry_done = st.trees.done
+
+    def going(st):
+      done = st.trees.done
+      return jnp.any(~done) & ~jnp.any(done & ~entry_done)
+
+    st = jax.lax.while_loop(going, lambda st: self._tick(params, tables, st, embed_params),
+                            st)
+    return st, self._outputs(st)
