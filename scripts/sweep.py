@@ -4,9 +4,10 @@
       --run=local
   python3 scripts/sweep.py --out=out/sweeps/maxT --set=num_examples=2 --set=method=both \\
       --axis=max_T=2,4 --axis=seed=0,1 --run=local
-  python3 scripts/sweep.py --out=out/sweeps/paper --checkpoint_root=/ckpt \\
+  python3 scripts/sweep.py --out=out/sweeps/paper --checkpoint_root=gs://my-bucket/ckpt \\
       --axis=flagfile=configs/paper/hh-llama-30b.flags,configs/paper/hh-llama-65b.flags \\
-      --run=print --tpu_names=rain-a,rain-b --zone=us-central2-b --hosts_per_tpu=2
+      --run=print --tpu_names=rain-a,rain-b --zone=us-central2-b --accelerator_type=v4-32 \\
+      --replicas_per_tpu=2
 
 Run from the repository root (paths in the flagfiles are relative to it, as
 `python -m rain_jax.run` reads them).
@@ -32,22 +33,41 @@ a flagfile gives in a `# weights: NAME` comment (configs/paper/ use it).
 
 Running. --run=local runs the flagfiles one after another here
 (`python -m rain_jax.run --flagfile=...`); a run already finished resumes as a no-op.
---run=print prints the shell commands for Cloud TPU VMs (nothing is executed):
-copy the sweep folder to every worker, launch, and collect the results.
+--run=print prints the shell commands for Cloud TPU VMs (nothing is executed): create
+the TPU VMs, set them up, copy the sweep to every worker, launch, status, fetch the
+results, stop, report. It is a guide to follow step by step, not a script to pipe into
+a shell (one step stops the runs); --print_step=NAME prints one step's commands alone.
 
-Shards on TPU VMs. Each TPU VM named in --tpu_names is one shard of every run
-(`--shard_index=<position in --tpu_names> --num_shards=<count>`, output
-`<run>.shard<i>-of-<n>.jsonl`). The shard index belongs to a TPU VM, not to a host:
-the hosts of a multi-host TPU VM (--hosts_per_tpu > 1, e.g. v4-16 for a 65B model) form
-one JAX job (`--distributed`, `--worker=all`) whose processes must all feed the same
-prompts into the same global batch, so they share one shard. Taking the shard from the
-host's worker number (the `agent-worker-number` metadata JAX uses as its process id)
-would be right only for hosts that each hold a whole model copy, which a multi-host
-slice does not allow without splitting it; use several single-host TPU VMs for that.
-Every process of a multi-host job writes the same records to its own disk (step 3
-fetches worker 0's); they resume in lockstep only if their files agree, so after a
-crash copy worker 0's results file to the other workers before relaunching.
+Slices, shards and replicas. Each TPU VM named in --tpu_names is a slice of
+--accelerator_type (gcloud's name, e.g. v4-32, v5litepod-16, v5p-32, v6e-16; v5e-16 is
+read as v5litepod-16): v4-N and v5p-N have N/2 chips (N counts TensorCores), v5e-N and
+v6e-N have N chips; v4, v5p and v6e hosts hold 4 chips, v5e hosts 4 or 8 (its machine
+type; slices of up to 4 v4/v5p or 8 v5e/v6e chips are one host). --hosts_per_tpu is
+derived from the type, and when given must agree with it. All hosts of a slice form ONE
+JAX job (`--distributed` when there are several), so every run's `--mesh` must cover
+exactly the slice's chips (-1 takes the rest) or the sweep stops with the reason.
+  * Across slices: TPU VM i is shard i of every run (`--shard_index=i --num_shards=n`,
+    output `<run>.shard<i>-of-<n>.jsonl`): the examples whose index is i modulo n.
+  * Within a slice: the mesh's data axis holds data-parallel copies of the model.
+    --replicas_per_tpu=R sets every run's mesh to data=R (the run's -1 axis, else its
+    tensor axis, shrinks to fit) and multiplies its --batch_size by R, so each copy
+    decodes the batch, in the per-chip memory, that the flagfile planned (plan it with
+    `python -m rain_jax.plan --topology=<type> --mesh=... --batch_size=...`).
+  * Every run's global --batch_size must be a multiple of data x fsdp (the batch rows
+    are split over both axes), else some chips would get no rows: the sweep refuses it.
+So n slices answer n x batch_size prompts at a time, each slice's batch split over its
+R copies.
+
+On the workers, `<out>/launch/<tpu>.sh` (written by --run=print, copied in the copy step)
+runs the runs in turn, detached from the SSH session with nohup and setsid: per host a
+log `~/rain_jax_logs/<sweep>.<hostname>.log` and a pid file `~/rain_jax_logs/<sweep>.pid`
+(its `start`, `status` and `stop` are what the launch, status and stop steps call).
+Process 0 of each slice's job (worker 0) alone writes the results file and its
+`.config.json` sidecar (the fetch step copies worker 0's), and decides which examples
+remain; after a crash, a host failure (which ends every process of the job) or a stop,
+the launch step again resumes every run where its results file ends.
 """
+import dataclasses
 import itertools
 import json
 import os
@@ -63,7 +83,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from models import registry  # noqa: E402  (after the path set-up)
-from rain_jax import flag_table, results  # noqa: E402
+from rain_jax import flag_table, results, sharding  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -237,7 +257,8 @@ def expand(spec, out, checkpoint_root=None, checkpoint_format='orbax'):
     flag_list.append(('output', output))
     runs.append({'name': name, 'settings': settings, 'flags': flag_list,
                  'flagfile': os.path.join(out, 'flags', name + '.flags'), 'output': output,
-                 'model': str(values.get('model', '')), 'task': str(values.get('task', ''))})
+                 'model': str(values.get('model', '')), 'task': str(values.get('task', '')),
+                 'values': values})
   names = [run['name'] for run in runs]
   if len(set(names)) != len(names):
     raise SpecError(f'two runs would share a name: {names}')
@@ -277,51 +298,327 @@ def run_local(runs, python=sys.executable):
   return failed
 
 
+# Cloud TPU slice kinds: gcloud's accelerator-type prefix, TensorCores per chip, chips
+# per host of a multi-host slice (v5e: 4 or 8, by machine type; the first is assumed
+# unless --hosts_per_tpu says otherwise), the most chips one host holds, and the TPU
+# software version the Cloud TPU docs give for JAX ("TPU software versions").
+SLICE_KINDS = {
+    'v4': ('v4', 2, (4,), 4, 'tpu-ubuntu2204-base'),
+    'v5p': ('v5p', 2, (4,), 4, 'v2-alpha-tpuv5'),
+    'v5e': ('v5litepod', 1, (4, 8), 8, 'v2-alpha-tpuv5-lite'),
+    'v6e': ('v6e', 1, (4,), 8, 'v2-alpha-tpuv6e'),
+}
+KIND_OF_PREFIX = {prefix: kind for kind, (prefix, *_) in SLICE_KINDS.items()}
+KIND_OF_PREFIX['v5e'] = 'v5e'
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """One TPU VM: gcloud's accelerator type, its chips and hosts, its software version."""
+  accelerator_type: str
+  kind: str
+  chips: int
+  hosts: int
+  version: str
+
+
+def parse_slice(accelerator_type, hosts_per_tpu=None) -> Slice:
+  """The slice of `accelerator_type` (v4-32, v5litepod-16 or v5e-16, v5p-32, v6e-16),
+  with its hosts checked against --hosts_per_tpu (None: derived). SpecError otherwise."""
+  if not accelerator_type:
+    raise SpecError('--run=print needs --accelerator_type (the TPU VMs\' type, e.g. v4-32)')
+  prefix, _, size = str(accelerator_type).rpartition('-')
+  kind = KIND_OF_PREFIX.get(prefix)
+  if kind is None or not size.isdigit() or int(size) < 1:
+    raise SpecError(f'--accelerator_type={accelerator_type}: expected v4-N, v5p-N '
+                    f'(N TensorCores), v5litepod-N (or v5e-N) or v6e-N (N chips)')
+  gcloud_prefix, cores, per_host, host_max, version = SLICE_KINDS[kind]
+  if int(size) % cores:
+    raise SpecError(f'--accelerator_type={accelerator_type}: {prefix}-N counts '
+                    f'TensorCores, {cores} per chip')
+  chips = int(size) // cores
+  if chips <= host_max:
+    allowed = [1]
+  else:
+    allowed = [chips // n for n in per_host if chips % n == 0]
+    if not allowed:
+      raise SpecError(f'--accelerator_type={accelerator_type}: {chips} chips do not fill '
+                      f'hosts of {" or ".join(map(str, per_host))} chips')
+  name = f'{gcloud_prefix}-{size}'
+  if hosts_per_tpu is None:
+    hosts = allowed[0]
+  elif hosts_per_tpu in allowed:
+    hosts = hosts_per_tpu
+  else:
+    raise SpecError(
+        f'--hosts_per_tpu={hosts_per_tpu} does not match --accelerator_type='
+        f'{accelerator_type}: a {name} slice has {chips} chips on '
+        f'{" or ".join(map(str, allowed))} host(s) ({kind} hosts hold '
+        f'{" or ".join(map(str, per_host))} chips; up to {host_max} chips are one host)')
+  return Slice(name, kind, chips, hosts, version)
+
+
+def flag_default(name: str):
+  """rain_jax.run's default for flag `name`."""
+  return next(flag.default for flag in flag_table.TABLE if flag.name == name)
+
+
+def fit_runs(runs, tpu_slice: Slice, replicas=None):
+  """Checks (and with `replicas`, sets) every run's mesh and batch for the slice.
+
+  Every run's mesh must cover the slice's chips; with `replicas` = R its data axis
+  becomes R (its -1 axis, else its tensor axis, takes what is left) and its batch_size
+  is multiplied by R. The global batch must be a multiple of data x fsdp. Writes the
+  resolved --mesh and --batch_size into the run's flags (before --output) and returns
+  {run name: (mesh sizes, batch_size)}. SpecError naming the run otherwise.
+  """
+  if replicas is not None and replicas < 1:
+    raise SpecError(f'--replicas_per_tpu must be >= 1, got {replicas}')
+  chips = tpu_slice.chips
+  placed = {}
+  for run in runs:
+    values = run['values']
+    mesh = str(values.get('mesh', flag_default('mesh')))
+    batch_text = values.get('batch_size', flag_default('batch_size'))
+    try:
+      batch = int(batch_text)
+    except (TypeError, ValueError):
+      raise SpecError(f'run {run["name"]}: --batch_size={batch_text} is not an integer') \
+          from None
+    entries = [entry.strip() for entry in mesh.split(',')]
+    if replicas is not None and len(entries) == 3:
+      rest = entries[1:]
+      if '-1' not in rest:
+        rest[1] = '-1'  # the tensor axis shrinks to fit
+      entries = [str(replicas)] + rest
+      batch *= replicas
+    try:
+      sizes = sharding.parse_mesh_shape(','.join(entries), chips)
+    except ValueError as e:
+      how = (f' (--replicas_per_tpu={replicas} made it {",".join(entries)})'
+             if replicas is not None else '')
+      raise SpecError(f'run {run["name"]}: --mesh={mesh}{how} does not fit a '
+                      f'{tpu_slice.accelerator_type} ({chips} chips, one JAX job): '
+                      f'{e}') from None
+    rows = sizes[0] * sizes[1]
+    if batch < 1 or batch % rows:
+      raise SpecError(f'run {run["name"]}: --batch_size={batch} is not a multiple of '
+                      f'data x fsdp = {sizes[0]} x {sizes[1]} = {rows} on mesh '
+                      f'{",".join(map(str, sizes))}: the batch rows are split over both '
+                      f'axes, so some chips would get no rows')
+    flags_out = list(run['flags'])  # absl: a later line wins over the flagfiles'
+    at = len(flags_out) - 1 if flags_out and flags_out[-1][0] == 'output' else len(flags_out)
+    flags_out[at:at] = [('mesh', ','.join(map(str, sizes))), ('batch_size', batch)]
+    run['flags'] = flags_out
+    placed[run['name']] = (sizes, batch)
+  return placed
+
+
 def shard_output(output: str, index: int, count: int) -> str:
   """`<stem>.shard<i>-of-<n>.jsonl` for shard i of n of the results file `output`."""
   stem, ext = os.path.splitext(output)
   return f'{stem}.shard{index}-of-{count}{ext}'
 
 
-def tpu_commands(runs, out, tpu_names, zone, hosts_per_tpu, remote_dir, python):
-  """Shell commands that copy the sweep to the TPU VMs, run it, and fetch the results."""
+def launcher_path(out: str, tpu: str) -> str:
+  """The launcher script of TPU VM `tpu` in the sweep folder."""
+  return os.path.join(out, 'launch', safe_name(tpu) + '.sh')
+
+
+LAUNCHER = r"""#!/usr/bin/env bash
+# Written by scripts/sweep.py: sweep {sweep}, TPU VM {tpu} ({accelerator_type}, {hosts} host(s)),
+# shard {index} of {count}: its runs in turn. Run on every worker of the TPU VM, from the
+# repository root (the launch, status and stop steps of `scripts/sweep.py --run=print`),
+# as `bash {path} ACTION`:
+#   start   start the runs detached from the SSH session and return; refused while they
+#           run. After a failure or a stop, start again: every run resumes where its
+#           results file ends.
+#   status  running or not, the log's last lines, records so far (worker 0 writes them)
+#   stop    end the runs on this host (stop every worker of the TPU VM)
+# Per host: log $HOME/rain_jax_logs/{sweep}.<hostname>.log, pid file
+# $HOME/rain_jax_logs/{sweep}.pid (the process group of the runs).
+set -u
+host=$(hostname)
+logs=$HOME/rain_jax_logs
+log=$logs/{sweep}.$host.log
+pidfile=$logs/{sweep}.pid
+outputs=({outputs})
+
+running() {{ [ -f "$pidfile" ] && kill -0 -- "-$(cat "$pidfile")" 2>/dev/null; }}
+say() {{ echo "[sweep $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*"; }}
+
+case ${{1:-}} in
+  start)
+    mkdir -p "$logs"
+    if running; then
+      echo "$host: already running (pid $(cat "$pidfile")), log $log" >&2
+      exit 1
+    fi
+    nohup setsid bash "$0" run >> "$log" 2>&1 < /dev/null &
+    echo "$host: started, log $log"
+    ;;
+  run)
+    echo $$ > "$pidfile"
+    failed=0
+{runs}
+    say "finished: $failed of {n} runs failed"
+    rm -f "$pidfile"
+    ;;
+  status)
+    if running; then state="running (pid $(cat "$pidfile"))"; else state="not running"; fi
+    echo "$host: $state; $(grep -s '^\[sweep ' "$log" | tail -n 1)"
+    tail -n {tail} "$log" 2>/dev/null | sed "s|^|$host:   |"
+    for output in "${{outputs[@]}}"; do
+      if [ -f "$output" ]; then echo "$host: $(wc -l < "$output") records in $output"; fi
+    done
+    ;;
+  stop)
+    if ! running; then echo "$host: not running"; rm -f "$pidfile"; exit 0; fi
+    pid=$(cat "$pidfile")
+    kill -TERM -- "-$pid"
+    for _ in $(seq 30); do running || break; sleep 1; done
+    if running; then kill -KILL -- "-$pid"; fi
+    rm -f "$pidfile"
+    say "stopped by the stop step" >> "$log"
+    echo "$host: stopped (process group $pid)"
+    ;;
+  *)
+    echo "usage: bash $0 start|status|stop" >&2
+    exit 2
+    ;;
+esac
+"""
+RUN_BLOCK = """    say {what}' started'
+    {command}
+    rc=$?
+    say {what}" ended, exit status $rc"
+    if [ $rc -ne 0 ]; then failed=$((failed + 1)); fi"""
+STATUS_TAIL_LINES = 5
+
+
+def launcher_script(runs, sweep_name, tpu, index, count, tpu_slice, python, out):
+  """The bash script that runs TPU VM `tpu`'s shard of every run (see LAUNCHER)."""
+  q = shlex.quote
+  sweep = safe_name(sweep_name)
+  distributed = ' --distributed' if tpu_slice.hosts > 1 else ''
+  blocks = []
+  for number, run in enumerate(runs, 1):
+    command = (f'{python} -m rain_jax.run --flagfile={q(run["flagfile"])}{distributed} '
+               f'--shard_index={index} --num_shards={count} '
+               f'--output={q(shard_output(run["output"], index, count))}')
+    what = f'run {number} of {len(runs)}: {run["name"]}'
+    blocks.append(RUN_BLOCK.format(what=q(what), command=command))
+  outputs = ' '.join(q(shard_output(run['output'], index, count)) for run in runs)
+  return LAUNCHER.format(sweep=sweep, tpu=tpu, accelerator_type=tpu_slice.accelerator_type,
+                         hosts=tpu_slice.hosts, index=index, count=count,
+                         path=launcher_path(out, tpu), outputs=outputs,
+                         runs='\n'.join(blocks), n=len(runs), tail=STATUS_TAIL_LINES)
+
+
+def write_launchers(runs, sweep_name, out, tpu_names, tpu_slice, python):
+  """Writes `<out>/launch/<tpu>.sh` for every TPU VM; returns their paths."""
+  os.makedirs(os.path.join(out, 'launch'), exist_ok=True)
+  paths = []
+  for index, tpu in enumerate(tpu_names):
+    path = launcher_path(out, tpu)
+    with open(path, 'w', encoding='utf-8') as f:
+      f.write(launcher_script(runs, sweep_name, tpu, index, len(tpu_names), tpu_slice,
+                              python, out))
+    os.chmod(path, 0o755)
+    paths.append(path)
+  return paths
+
+
+STEPS = ('create', 'setup', 'copy', 'launch', 'status', 'fetch', 'stop', 'report')
+
+
+def check_tpu_args(out, tpu_names, zone, remote_dir):
+  """SpecError unless the TPU VM arguments of --run=print make sense."""
   if not tpu_names:
     raise SpecError('--run=print needs --tpu_names (one TPU VM per shard)')
+  if len(set(tpu_names)) != len(tpu_names):
+    raise SpecError(f'--tpu_names repeats a name: {tpu_names}')
+  if len({safe_name(t) for t in tpu_names}) != len(tpu_names):
+    raise SpecError(f'--tpu_names: two names would share a launcher file: {tpu_names}')
   if not zone:
     raise SpecError('--run=print needs --zone')
   if os.path.isabs(out):
     raise SpecError(f'--run=print needs --out relative to the repository root (the '
                     f'workers hold the repository at ~/{remote_dir}), got {out}')
-  if hosts_per_tpu < 1:
-    raise SpecError(f'--hosts_per_tpu must be >= 1, got {hosts_per_tpu}')
+
+
+def tpu_commands(runs, out, tpu_names, zone, tpu_slice, remote_dir, python,
+                 steps=STEPS):
+  """Shell commands, by step: create and set up the TPU VMs, copy the sweep to every
+  worker, launch it detached, show its status, fetch the results, stop it, report.
+
+  Returns [line]: a '# <step>. ...' comment heads each step's commands (in `steps`).
+  The launch, status and stop steps call `<out>/launch/<tpu>.sh` (write_launchers).
+  """
+  check_tpu_args(out, tpu_names, zone, remote_dir)
   q = shlex.quote
   count = len(tpu_names)
-  distributed = ' --distributed' if hosts_per_tpu > 1 else ''
-  parent = f'{remote_dir}/{os.path.dirname(os.path.normpath(out)) or "."}'
-  lines = ['# 0. Once per TPU VM and new commit: scripts/tpu_vm_setup.sh NAME ZONE',
-           '# 1. Copy the sweep folder to every worker of every TPU VM.']
-  for tpu in tpu_names:
-    lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '
-                 f'--command={q("mkdir -p " + parent)}')
-    lines.append(f'gcloud compute tpus tpu-vm scp --recurse {q(out)} {q(tpu + ":" + parent)}'
-                 f' --zone={q(zone)} --worker=all')
-  lines.append(f'# 2. Run, all TPU VMs at once, each the runs in turn: TPU VM i is shard i '
-               f'of {count}' + (f'; its {hosts_per_tpu} hosts form one JAX job' if distributed
-                                else '') + '. Rerun to resume after a failure.')
-  for index, tpu in enumerate(tpu_names):
-    commands = [f'{python} -m rain_jax.run --flagfile={q(run["flagfile"])}{distributed} '
-                f'--shard_index={index} --num_shards={count} '
-                f'--output={q(shard_output(run["output"], index, count))}' for run in runs]
-    remote = f'cd {remote_dir} || exit 1' + ''.join(f' ; {c}' for c in commands)
-    lines.append(f'gcloud compute tpus tpu-vm ssh {q(tpu)} --zone={q(zone)} --worker=all '
-                 f'--command={q(remote)} &')
-  lines.append('wait')
-  lines.append('# 3. Fetch the results (worker 0 of each TPU VM holds its shard).')
-  results_dir = os.path.join(out, 'results')
-  for tpu in tpu_names:
-    lines.append(f'gcloud compute tpus tpu-vm scp --recurse '
-                 f'{q(f"{tpu}:{remote_dir}/{results_dir}")} {q(out + "/")} --zone={q(zone)} '
-                 f'--worker=0')
+  out = os.path.normpath(out)
+  remote_out = f'{remote_dir}/{out}'
+  zone_flag = f'--zone={q(zone)}'
+
+  def ssh(tpu, command, worker='all'):
+    return (f'gcloud compute tpus tpu-vm ssh {q(tpu)} {zone_flag} --worker={worker} '
+            f'--command={q(command)}')
+
+  def on_workers(tpu, action):
+    return ssh(tpu, f'cd {q(remote_dir)} && bash {q(launcher_path(out, tpu))} {action}')
+
+  job = (f'one JAX job over its {tpu_slice.hosts} hosts' if tpu_slice.hosts > 1
+         else 'one host')
+  sections = {
+      'create': (f'Create the TPU VMs ({tpu_slice.accelerator_type}: {tpu_slice.chips} '
+                 f'chips, {tpu_slice.hosts} host(s) each); delete them when done with '
+                 f'gcloud compute tpus tpu-vm delete NAME --zone={zone}.',
+                 [f'gcloud compute tpus tpu-vm create {q(tpu)} {zone_flag} '
+                  f'--accelerator-type={tpu_slice.accelerator_type} '
+                  f'--version={tpu_slice.version}' for tpu in tpu_names]),
+      'setup': ('Install this commit (HEAD) and the pinned JAX/libtpu on every worker; '
+                'again after each new commit.',
+                [f'scripts/tpu_vm_setup.sh {q(tpu)} {q(zone)}'
+                 + ('' if remote_dir == 'rain_jax' else f' {q(remote_dir)}')
+                 for tpu in tpu_names]),
+      'copy': ('Copy the sweep (manifest, flagfiles, launchers; not results) to every '
+               'worker.',
+               [line for tpu in tpu_names for line in (
+                   ssh(tpu, f'mkdir -p {q(remote_out)}'),
+                   f'gcloud compute tpus tpu-vm scp --recurse '
+                   f'{q(os.path.join(out, "manifest.json"))} {q(os.path.join(out, "flags"))} '
+                   f'{q(os.path.join(out, "launch"))} {q(tpu + ":" + remote_out)} '
+                   f'{zone_flag} --worker=all')]),
+      'launch': (f'Launch, detached (returns at once; the runs outlive the SSH session): '
+                 f'TPU VM i is shard i of {count}, {job}. Per host the log is '
+                 f'~/rain_jax_logs/<sweep>.<hostname>.log. After a failure or a stop, '
+                 f'launch again: every run resumes where its results file ends.',
+                 [on_workers(tpu, 'start') for tpu in tpu_names]),
+      'status': ('Status: per host, running or not, the last lines of its log, records '
+                 'so far (worker 0 writes them).',
+                 [on_workers(tpu, 'status') for tpu in tpu_names]),
+      'fetch': ('Fetch the results (worker 0 of each TPU VM holds its shard) into '
+                f'{out}/results/.',
+                [f'gcloud compute tpus tpu-vm scp --recurse '
+                 f'{q(f"{tpu}:{remote_out}/results")} {q(out + "/")} {zone_flag} '
+                 f'--worker=0' for tpu in tpu_names]),
+      'stop': ('Stop the runs on every worker (the launch step resumes them).',
+               [on_workers(tpu, 'stop') for tpu in tpu_names]),
+      'report': ('Report, here, from the fetched results.',
+                 [f'{python} scripts/report.py --results={q(out + "/results")} '
+                  f'--out={q(out + "/report")}']),
+  }
+  lines = []
+  if len(steps) > 1:
+    lines.append('# Steps to follow one at a time, not a script for a shell (the stop '
+                 'step stops the runs); --print_step=NAME prints one step alone.')
+  for number, step in enumerate(STEPS):
+    if step in steps:
+      what, commands = sections[step]
+      lines.append(f'# {number}. {step}: {what}')
+      lines.extend(commands)
   return lines
 
 
@@ -340,7 +637,16 @@ def define_flags():
                     'local: run them here in turn; print: print TPU VM commands.')
   flags.DEFINE_list('tpu_names', [], 'print: TPU VMs, one shard each.')
   flags.DEFINE_string('zone', None, 'print: the TPU VMs\' zone.')
-  flags.DEFINE_integer('hosts_per_tpu', 1, 'print: hosts per TPU VM (> 1: --distributed).')
+  flags.DEFINE_string('accelerator_type', None, 'print: the TPU VMs\' type, as gcloud '
+                      'names it: v4-32, v5p-32, v5litepod-16 (or v5e-16), v6e-16.')
+  flags.DEFINE_integer('hosts_per_tpu', None, 'print: hosts per TPU VM (> 1: one JAX job, '
+                       '--distributed); derived from --accelerator_type, checked against '
+                       'it when given (v5e: 4 or 8 chips a host).')
+  flags.DEFINE_integer('replicas_per_tpu', None, 'print: data-parallel copies of the model '
+                       'per TPU VM: every run\'s mesh gets data=R and its batch_size is '
+                       'multiplied by R (default: the runs\' meshes as they are).')
+  flags.DEFINE_enum('print_step', 'all', ('all',) + STEPS, 'print: every step, or only '
+                    'the commands of one (to pipe into a shell).')
   flags.DEFINE_string('remote_dir', 'rain_jax', 'print: the repository on the workers '
                       '(relative to the home folder; scripts/tpu_vm_setup.sh puts it there).')
   flags.DEFINE_string('python', 'python3', 'print: the workers\' Python.')
@@ -355,13 +661,20 @@ def main(argv):
     spec = load_spec(FLAGS.grid, FLAGS.axis, FLAGS.set, FLAGS.name,
                      default_name=os.path.basename(os.path.normpath(FLAGS.out)))
     runs = expand(spec, FLAGS.out, FLAGS.checkpoint_root, FLAGS.checkpoint_format)
-    commands = (tpu_commands(runs, FLAGS.out, FLAGS.tpu_names, FLAGS.zone,
-                             FLAGS.hosts_per_tpu, FLAGS.remote_dir, FLAGS.python)
-                if FLAGS.run == 'print' else None)
+    commands = None
+    if FLAGS.run == 'print':
+      check_tpu_args(FLAGS.out, FLAGS.tpu_names, FLAGS.zone, FLAGS.remote_dir)
+      tpu_slice = parse_slice(FLAGS.accelerator_type, FLAGS.hosts_per_tpu)
+      fit_runs(runs, tpu_slice, FLAGS.replicas_per_tpu)
+      steps = STEPS if FLAGS.print_step == 'all' else (FLAGS.print_step,)
+      commands = tpu_commands(runs, FLAGS.out, FLAGS.tpu_names, FLAGS.zone, tpu_slice,
+                              FLAGS.remote_dir, FLAGS.python, steps)
   except (SpecError, ValueError, OSError) as e:
     print(f'sweep.py: error: {e}', file=sys.stderr)
     sys.exit(1)
   write_sweep(spec, runs, FLAGS.out)
+  if commands:
+    write_launchers(runs, spec['name'], FLAGS.out, FLAGS.tpu_names, tpu_slice, FLAGS.python)
   print(f'sweep.py: {len(runs)} runs in {os.path.join(FLAGS.out, "manifest.json")}',
         file=sys.stderr)
   if commands:

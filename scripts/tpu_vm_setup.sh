@@ -7,9 +7,12 @@
 # HEAD (not uncommitted changes: commit first) travels as a git bundle, so every worker
 # gets ~/REMOTE_DIR (default rain_jax) as a git checkout of exactly that commit and the
 # runs record it in <output>.config.json. Then, on all workers at once:
-#   python3 -m pip install -U "jax[tpu]"      (JAX with libtpu, from PyPI)
-#   python3 -m pip install -e ~/REMOTE_DIR     (rain_jax and its requirements)
-# Running it again updates the checkout to the new HEAD and reinstalls.
+#   python3 -m pip install -e "./REMOTE_DIR[tpu]" jax==0.10.2 jaxlib==0.10.2
+# rain_jax, its requirements and the versions the project was tested with: jax and
+# jaxlib pinned here (JAX_VERSION), libtpu by setup.cfg's [tpu] extra (libtpu==0.0.42.1,
+# the wheel jax 0.10.2 pins; all three from PyPI); the workers then check that
+# `import jax` reports JAX_VERSION. Running it again updates the checkout to the new
+# HEAD and reinstalls.
 # Weights are not copied: put them on the workers (or a bucket mounted there) and pass
 # --checkpoint_root to scripts/sweep.py. Environment: PYTHON (default python3) is the
 # workers' interpreter.
@@ -23,6 +26,8 @@ tpu_name=$1
 zone=$2
 remote_dir=${3:-rain_jax}
 python=${PYTHON:-python3}
+# The JAX the project was tested with (setup.cfg's [tpu] extra pins the matching libtpu).
+JAX_VERSION=0.10.2
 if [[ ! $remote_dir =~ ^[A-Za-z0-9_.-]+$ ]]; then
   echo "$0: REMOTE_DIR must be a plain folder name under the home folder, got '$remote_dir'" >&2
   exit 2
@@ -52,9 +57,8 @@ else
   git -C $remote_dir checkout -q --detach $commit
 fi
 test \"\$(git -C $remote_dir rev-parse HEAD)\" = $commit
-$python -m pip install -q -U 'jax[tpu]'
-$python -m pip install -q -e ./$remote_dir
-$python -c 'import jax, rain_jax; print(\"rain_jax ready, jax\", jax.__version__)'"
+$python -m pip install -q -e './$remote_dir[tpu]' jax==$JAX_VERSION jaxlib==$JAX_VERSION
+$python -c 'import importlib.metadata as m, jax, rain_jax; assert jax.__version__ == \"$JAX_VERSION\", jax.__version__; print(\"rain_jax ready: jax\", jax.__version__, \"libtpu\", m.version(\"libtpu\"))'"
 
 echo "Installing on every worker of $tpu_name ..." >&2
 gcloud compute tpus tpu-vm ssh "$tpu_name" --zone="$zone" --worker=all \

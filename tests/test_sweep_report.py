@@ -134,28 +134,99 @@ def test_checkpoint_root_adds_the_weights_folder(tmp_path, monkeypatch):
       'model', 'max_T', 'output']
 
 
-def test_print_gives_each_tpu_vm_one_shard(tmp_path, monkeypatch):
+# The flags each printed gcloud command may use, from the gcloud reference pages
+# (cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/{create,ssh,scp}):
+# create TPU --zone --version --accelerator-type; ssh TPU --zone --worker --command;
+# scp SRC... DEST --recurse --zone --worker.
+GCLOUD_FLAGS = {'create': {'--zone', '--version', '--accelerator-type'},
+                'ssh': {'--zone', '--worker', '--command'},
+                'scp': {'--recurse', '--zone', '--worker'}}
+
+
+def _gcloud(line):
+  """(verb, positionals, {flag: value}) of a printed gcloud tpu-vm command, or None."""
+  words = shlex.split(line)
+  if words[:4] != ['gcloud', 'compute', 'tpus', 'tpu-vm']:
+    return None
+  verb, positionals, named = words[4], [], {}
+  for word in words[5:]:
+    if word.startswith('--'):
+      name, _, value = word.partition('=')
+      named[name] = value
+    else:
+      positionals.append(word)
+  assert set(named) <= GCLOUD_FLAGS[verb], (verb, named)
+  return verb, positionals, named
+
+
+def _print_sweep(tmp_path, monkeypatch, tpus, accelerator_type='v4-16', replicas=None,
+                 steps=sweep.STEPS):
+  """Runs of max_T=2,4 on llama-7b, fitted to the slice; the printed lines."""
   monkeypatch.chdir(tmp_path)
-  spec = sweep.load_spec(None, ['max_T=2,4'], ['model=llama-7b'])
+  spec = sweep.load_spec(None, ['max_T=2,4'], ['model=llama-7b', 'mesh=1,1,-1'])
+  spec['name'] = 'demo'
   runs = sweep.expand(spec, 'out/sw')
+  tpu_slice = sweep.parse_slice(accelerator_type)
+  sweep.fit_runs(runs, tpu_slice, replicas)
+  sweep.write_sweep(spec, runs, 'out/sw')
+  sweep.write_launchers(runs, spec['name'], 'out/sw', tpus, tpu_slice, 'python3')
+  return runs, sweep.tpu_commands(runs, 'out/sw', tpus, 'us-central2-b', tpu_slice,
+                                  'rain_jax', 'python3', steps)
+
+
+def _run_commands(launcher):
+  """{flag: value} of each `python3 -m rain_jax.run` line of a launcher script."""
+  found = []
+  for line in open(launcher).read().splitlines():
+    if line.startswith('#') or '-m rain_jax.run ' not in line:
+      continue
+    argv = shlex.split(line)
+    if argv[:3] == ['python3', '-m', 'rain_jax.run']:
+      found.append(dict(a.lstrip('-').partition('=')[::2] for a in argv[3:]))
+  return found
+
+
+def _steps(lines):
+  """{step: [parsed gcloud command]} from printed lines."""
+  by_step, step = {}, None
+  for line in lines:
+    if line.startswith('# ') and line[2:3].isdigit():
+      step = line.split('. ', 1)[1].split(':', 1)[0]
+    elif _gcloud(line):
+      by_step.setdefault(step, []).append(_gcloud(line))
+  return by_step
+
+
+def test_print_gives_each_tpu_vm_one_shard_launched_detached(tmp_path, monkeypatch):
   tpus = ['tpu-a', 'tpu-b']
-  lines = sweep.tpu_commands(runs, 'out/sw', tpus, 'us-central2-b', 2, 'rain_jax', 'python3')
-  launches = [shlex.split(l) for l in lines if 'rain_jax.run' in l]
-  assert len(launches) == 2 and 'wait' in lines
+  runs, lines = _print_sweep(tmp_path, monkeypatch, tpus)
+  assert not any(line.rstrip().endswith('&') or line == 'wait' for line in lines)
+  by_step = _steps(lines)
+  assert set(by_step) == {'create', 'copy', 'launch', 'status', 'fetch', 'stop'}
+  assert all(named['--zone'] == 'us-central2-b'
+             for commands in by_step.values() for _, _, named in commands)
+  for verb, positionals, named in by_step['create']:
+    assert verb == 'create' and named['--accelerator-type'] == 'v4-16'
+    assert named['--version'] == 'tpu-ubuntu2204-base'
+  for action in ('launch', 'status', 'stop'):
+    assert [p[0] for _, p, _ in by_step[action]] == tpus
+    for verb, (tpu,), named in by_step[action]:
+      assert verb == 'ssh' and named['--worker'] == 'all'
+      word = {'launch': 'start'}.get(action, action)
+      assert named['--command'] == f'cd rain_jax && bash out/sw/launch/{tpu}.sh {word}'
+  for verb, (source, dest), named in by_step['fetch']:
+    assert verb == 'scp' and named == {'--recurse': '', '--zone': 'us-central2-b',
+                                       '--worker': '0'}
+    assert dest == 'out/sw/' and source.endswith(':rain_jax/out/sw/results')
+  copies = [c for c in by_step['copy'] if c[0] == 'scp']
+  assert [c[1] for c in copies] == [
+      ['out/sw/manifest.json', 'out/sw/flags', 'out/sw/launch', f'{t}:rain_jax/out/sw']
+      for t in tpus]
   seen = []
-  for words in launches:
-    tpu = words[5]
-    assert words[:5] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'] and words[-1] == '&'
-    assert '--worker=all' in words and '--zone=us-central2-b' in words
-    remote = next(w for w in words if w.startswith('--command='))[len('--command='):]
-    first, *commands = remote.split(' ; ')
-    assert first == 'cd rain_jax || exit 1' and len(commands) == 2
-    for command in commands:
-      argv = shlex.split(command)
-      assert argv[:3] == ['python3', '-m', 'rain_jax.run']
-      args = dict(a.lstrip('-').partition('=')[::2] for a in argv[3:])
+  for index, tpu in enumerate(tpus):
+    for args in _run_commands(f'out/sw/launch/{tpu}.sh'):
       assert 'distributed' in args and args['num_shards'] == '2'
-      assert args['shard_index'] == str(tpus.index(tpu))
+      assert args['shard_index'] == str(index)
       seen.append((args['flagfile'], args['shard_index'], args['output']))
   assert sorted(seen) == [
       ('out/sw/flags/max_T-2.flags', '0', 'out/sw/results/max_T-2.shard0-of-2.jsonl'),
@@ -163,10 +234,187 @@ def test_print_gives_each_tpu_vm_one_shard(tmp_path, monkeypatch):
       ('out/sw/flags/max_T-4.flags', '0', 'out/sw/results/max_T-4.shard0-of-2.jsonl'),
       ('out/sw/flags/max_T-4.flags', '1', 'out/sw/results/max_T-4.shard1-of-2.jsonl')]
   assert {report.run_name(o) for _, _, o in seen} == {'max_T-2', 'max_T-4'}
-  one_host = sweep.tpu_commands(runs, 'out/sw', ['tpu-a'], 'z', 1, 'rain_jax', 'python3')
-  assert not any('--distributed' in l for l in one_host)
+  parsed = _absl_parse('out/sw/flags/max_T-2.flags')
+  assert (parsed.mesh, parsed.batch_size) == ('1,1,8', 8)  # v4-16: 8 chips
+  one = tmp_path / 'one'
+  one.mkdir()
+  _print_sweep(one, monkeypatch, ['tpu-a'], 'v4-8')
+  assert not any('--distributed' in line for line in open('out/sw/launch/tpu-a.sh'))
+  assert _absl_parse('out/sw/flags/max_T-2.flags').mesh == '1,1,4'
   with pytest.raises(sweep.SpecError, match='relative'):
-    sweep.tpu_commands(runs, '/abs/sw', ['tpu-a'], 'z', 1, 'rain_jax', 'python3')
+    sweep.tpu_commands(runs, '/abs/sw', ['tpu-a'], 'z', sweep.parse_slice('v4-8'),
+                       'rain_jax', 'python3')
+
+
+def test_print_step_prints_one_step_alone(tmp_path, monkeypatch):
+  _, lines = _print_sweep(tmp_path, monkeypatch, ['tpu-a', 'tpu-b'], steps=('status',))
+  assert lines[0].startswith('# 4. status:') and len(lines) == 3
+  assert all(_gcloud(l)[2]['--command'].endswith('.sh status') for l in lines[1:])
+
+
+@pytest.mark.parametrize('accelerator_type,hosts,expected', [
+    ('v4-8', None, ('v4-8', 4, 1, 'tpu-ubuntu2204-base')),
+    ('v4-32', None, ('v4-32', 16, 4, 'tpu-ubuntu2204-base')),
+    ('v4-32', 4, ('v4-32', 16, 4, 'tpu-ubuntu2204-base')),
+    ('v5p-16', None, ('v5p-16', 8, 2, 'v2-alpha-tpuv5')),
+    ('v5e-16', None, ('v5litepod-16', 16, 4, 'v2-alpha-tpuv5-lite')),
+    ('v5litepod-16', 2, ('v5litepod-16', 16, 2, 'v2-alpha-tpuv5-lite')),  # 8-chip hosts
+    ('v5litepod-8', None, ('v5litepod-8', 8, 1, 'v2-alpha-tpuv5-lite')),
+    ('v6e-16', None, ('v6e-16', 16, 4, 'v2-alpha-tpuv6e')),
+])
+def test_slice_types_give_chips_and_hosts(accelerator_type, hosts, expected):
+  got = sweep.parse_slice(accelerator_type, hosts)
+  assert (got.accelerator_type, got.chips, got.hosts, got.version) == expected
+
+
+@pytest.mark.parametrize('accelerator_type,hosts,words', [
+    ('v4-32', 2, r'--hosts_per_tpu=2 does not match --accelerator_type=v4-32: a v4-32 '
+                 r'slice has 16 chips on 4 host\(s\)'),
+    ('v4-8', 2, r'4 chips on 1 host'),
+    ('v5e-16', 3, r'16 chips on 4 or 2 host'),
+    ('v4-7', None, 'TensorCores, 2 per chip'),
+    ('v3-8', None, 'expected v4-N'),
+    (None, None, 'needs --accelerator_type'),
+])
+def test_bad_slice_types_and_hosts_raise(accelerator_type, hosts, words):
+  with pytest.raises(sweep.SpecError, match=words):
+    sweep.parse_slice(accelerator_type, hosts)
+
+
+def _runs_with(tmp_path, monkeypatch, **shared):
+  """The run of the 65B HH flagfile (included first) with `shared` flags after it."""
+  monkeypatch.chdir(REPO)
+  spec = {'name': 'hh-llama-65b', 'flagfiles': ['configs/paper/hh-llama-65b.flags'],
+          'set': shared, 'axes': {}}
+  return sweep.expand(spec, str(tmp_path / 'sw'))
+
+
+def test_replicas_split_a_slice_and_keep_each_copys_batch(tmp_path, monkeypatch):
+  v4_32 = sweep.parse_slice('v4-32')
+  runs = _runs_with(tmp_path, monkeypatch)  # the flagfile: --mesh=1,1,-1, batch 8
+  assert sweep.fit_runs(runs, v4_32) == {'hh-llama-65b': ((1, 1, 16), 8)}
+  runs = _runs_with(tmp_path, monkeypatch)
+  assert sweep.fit_runs(runs, v4_32, replicas=2) == {'hh-llama-65b': ((2, 1, 8), 16)}
+  sweep.write_sweep({'name': 's', 'axes': {}}, runs, str(tmp_path / 'sw'))
+  parsed = _absl_parse(runs[0]['flagfile'])
+  assert (parsed.mesh, parsed.batch_size, parsed.model) == ('2,1,8', 16, 'llama-65b')
+  assert parsed.output == runs[0]['output']
+  runs = _runs_with(tmp_path, monkeypatch, mesh='1,-1,4')
+  assert sweep.fit_runs(runs, v4_32, replicas=2)['hh-llama-65b'] == ((2, 2, 4), 16)
+  runs = _runs_with(tmp_path, monkeypatch, mesh='1,2,4')  # no -1: tensor shrinks
+  assert sweep.fit_runs(runs, v4_32, replicas=4)['hh-llama-65b'] == ((4, 2, 2), 32)
+
+
+@pytest.mark.parametrize('shared,replicas,words', [
+    ({'mesh': '2,2,4', 'batch_size': 6}, None,
+     r'--batch_size=6 is not a multiple of data x fsdp = 2 x 2 = 4'),
+    ({'mesh': '1,2,-1', 'batch_size': 3}, 2,
+     r'--batch_size=6 is not a multiple of data x fsdp = 2 x 2 = 4'),
+    ({'mesh': '1,1,8'}, None, r'--mesh=1,1,8 does not fit a v4-32 \(16 chips'),
+    ({}, 3, r'--replicas_per_tpu=3 made it 3,1,-1\) does not fit'),
+])
+def test_meshes_and_batches_that_would_idle_chips_raise(tmp_path, monkeypatch, shared,
+                                                        replicas, words):
+  runs = _runs_with(tmp_path, monkeypatch, **shared)
+  with pytest.raises(sweep.SpecError, match=words):
+    sweep.fit_runs(runs, sweep.parse_slice('v4-32'), replicas)
+
+
+def _sweep_cli(work, *extra):
+  return subprocess.run(
+      [sys.executable, 'scripts/sweep.py', f'--out={os.path.relpath(work / "sw", REPO)}',
+       '--run=print', '--tpu_names=rain-a', '--zone=us-central2-b', *extra],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_sweep_cli_refuses_a_bad_slice_and_prints_a_good_one(tmp_path):
+  paper = '--axis=flagfile=configs/paper/hh-llama-65b.flags'
+  bad = _sweep_cli(tmp_path, paper, '--accelerator_type=v4-32', '--hosts_per_tpu=2')
+  assert bad.returncode == 1 and bad.stdout == ''
+  assert bad.stderr.strip().splitlines()[-1].startswith(
+      'sweep.py: error: --hosts_per_tpu=2 does not match --accelerator_type=v4-32')
+  grid = tmp_path / 'grid.json'  # the flagfile first, then mesh and batch over it
+  grid.write_text(json.dumps({'flagfiles': ['configs/paper/hh-llama-65b.flags'],
+                              'set': {'mesh': '2,2,-1', 'batch_size': 6}}))
+  uneven = _sweep_cli(tmp_path, '--accelerator_type=v4-32', f'--grid={grid}')
+  assert uneven.returncode == 1 and 'not a multiple of data x fsdp' in uneven.stderr
+  good = _sweep_cli(tmp_path, paper, '--accelerator_type=v4-32', '--replicas_per_tpu=2',
+                    '--print_step=launch')
+  assert good.returncode == 0, good.stderr
+  launch = [_gcloud(l) for l in good.stdout.splitlines() if not l.startswith('#')]
+  assert len(launch) == 1 and launch[0][2]['--command'].endswith('/launch/rain-a.sh start')
+  run, = _run_commands(str(tmp_path / 'sw' / 'launch' / 'rain-a.sh'))
+  assert 'distributed' in run
+  assert _absl_parse(os.path.join(REPO, run['flagfile'])).mesh == '2,1,8'
+
+
+FAKE_RUN = """#!/usr/bin/env bash
+# Stand-in for python3: logs its arguments, appends a record to --output, sleeps.
+echo "fake python $*"
+for arg in "$@"; do
+  if [[ $arg == --output=* ]]; then
+    mkdir -p "$(dirname "${arg#--output=}")"; echo '{}' >> "${arg#--output=}"
+  fi
+done
+sleep "${FAKE_SLEEP:-0}"
+"""
+
+
+def _launcher(script, action, env):
+  return subprocess.run(['bash', script, action], env=env, capture_output=True, text=True,
+                        timeout=60, check=False)
+
+
+def _wait_for(condition):
+  for _ in range(200):
+    if condition():
+      return True
+    subprocess.run(['sleep', '0.1'], check=True)
+  return False
+
+
+def test_launcher_detaches_reports_status_and_stops(tmp_path, monkeypatch):
+  _print_sweep(tmp_path, monkeypatch, ['tpu-a'])
+  bin_dir, home = tmp_path / 'bin', tmp_path / 'home'
+  bin_dir.mkdir()
+  home.mkdir()
+  (bin_dir / 'python3').write_text(FAKE_RUN)
+  (bin_dir / 'python3').chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', HOME=str(home),
+             FAKE_SLEEP='120')
+  script = 'out/sw/launch/tpu-a.sh'
+  pidfile = home / 'rain_jax_logs' / 'demo.pid'
+  started = _launcher(script, 'start', env)
+  assert started.returncode == 0 and 'started' in started.stdout
+  assert _wait_for(lambda: pidfile.exists() and pidfile.read_text().strip())
+  pid = int(pidfile.read_text())
+  try:
+    # Detached: the runs lead their own session (no SIGHUP when the SSH session ends).
+    assert os.getsid(pid) == pid != os.getsid(0)
+    again = _launcher(script, 'start', env)
+    assert again.returncode == 1 and 'already running' in again.stderr
+    assert _wait_for(lambda: 'records' in _launcher(script, 'status', env).stdout)
+    status = _launcher(script, 'status', env).stdout
+    assert 'running (pid' in status and 'run 1 of 2: max_T-2 started' in status
+    assert '1 records in out/sw/results/max_T-2.shard0-of-1.jsonl' in status
+  finally:
+    stopped = _launcher(script, 'stop', env)
+  assert stopped.returncode == 0 and 'stopped' in stopped.stdout
+  with pytest.raises(ProcessLookupError):
+    os.killpg(pid, 0)
+  assert 'not running' in _launcher(script, 'status', env).stdout
+  logs = list((home / 'rain_jax_logs').glob('demo.*.log'))
+  assert len(logs) == 1 and 'stopped by the stop step' in logs[0].read_text()
+  # Started again, it runs both runs in turn to the end; the log says how they ended.
+  env['FAKE_SLEEP'] = '0'
+  assert _launcher(script, 'start', env).returncode == 0
+  assert _wait_for(lambda: 'finished' in logs[0].read_text())
+  text = logs[0].read_text()
+  assert 'finished: 0 of 2 runs failed' in text
+  assert 'run 2 of 2: max_T-4 ended, exit status 0' in text
+  assert text.count('fake python -m rain_jax.run --flagfile=out/sw/flags/max_T-4.flags') == 1
+  assert '2 records in out/sw/results/max_T-2.shard0-of-1.jsonl' in _launcher(
+      script, 'status', env).stdout
 
 
 # ----- report.py on hand-written records -----
@@ -341,8 +589,10 @@ def test_tpu_vm_setup_checks_out_head_and_installs_on_all_workers(tmp_path):
   for call in calls:
     assert '--zone=us-central2-b --worker=all' in call
   pip = (tmp_path / 'python.log').read_text().splitlines()
-  assert pip[:2] == ['python3 -m pip install -q -U jax[tpu]',
-                     'python3 -m pip install -q -e ./rain_jax']
+  import jax
+  assert pip[0] == (f'python3 -m pip install -q -e ./rain_jax[tpu] jax=={jax.__version__} '
+                    f'jaxlib=={jax.__version__}')  # the JAX the tests run with
+  assert pip[1].startswith('python3 -c ') and f'== "{jax.__version__}"' in pip[1]
   bad = subprocess.run(['bash', script, 'only-one-arg'], env=env, capture_output=True,
                        text=True, check=False)
   assert bad.returncode == 2 and 'usage' in bad.stderr
