@@ -606,8 +606,8 @@ def tpu_commands(runs, out, tpu_names, zone, tpu_slice, remote_dir, python,
                  f'--worker=0' for tpu in tpu_names]),
       'stop': ('Stop the runs on every worker (the launch step resumes them).',
                [on_workers(tpu, 'stop') for tpu in tpu_names]),
-      'report': ('Report, here, from the fetched results.',
-                 [f'{python} scripts/report.py --results={q(out + "/results")} '
+      'report': ('Report, here, from the fetched results (and the manifest\'s settings).',
+                 [f'python3 scripts/report.py --results={q(out)} '
                   f'--out={q(out + "/report")}']),
   }
   lines = []

@@ -201,6 +201,7 @@ def test_print_gives_each_tpu_vm_one_shard_launched_detached(tmp_path, monkeypat
   tpus = ['tpu-a', 'tpu-b']
   runs, lines = _print_sweep(tmp_path, monkeypatch, tpus)
   assert not any(line.rstrip().endswith('&') or line == 'wait' for line in lines)
+  assert lines[-1] == 'python3 scripts/report.py --results=out/sw --out=out/sw/report'
   by_step = _steps(lines)
   assert set(by_step) == {'create', 'copy', 'launch', 'status', 'fetch', 'stop'}
   assert all(named['--zone'] == 'us-central2-b'
