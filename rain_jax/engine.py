@@ -652,6 +652,17 @@ def plan_batches(runner, todo, batch_size, max_programs):
   return [(batch, (width, judge[width])) for batch, width in zip(batches, prompt)]
 
 
+def plan_streams(runner, todo, batch_size, max_programs):
+  """[(items, widths)]: `todo` (list of (Example, prompt ids)) as continuous-batching
+  streams (`RainRunner.run_stream`), one per width pair `plan_batches` chooses (so a
+  stream pads as the batches would), each holding, in order, the examples of the
+  batches planned at those widths."""
+  streams = {}
+  for batch, widths in plan_batches(runner, todo, batch_size, max_programs):
+    streams.setdefault(widths, []).extend(batch)
+  return [(items, widths) for widths, items in streams.items()]
+
+
 def task_stop_sequences(tok, task):
   """[M, W] int32: the task's turn marker as token sequences (stopping.right_align; a
   row of -1 when the task has none)."""

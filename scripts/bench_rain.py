@@ -113,6 +113,7 @@ def run_rain_suite(args, model, mesh, log):
       log(f'batch {batch_size}: rain, counting model calls')
       counter = CallCounter()
       rain.fns = counting_fns(rain.fns, counter)
+      rain._programs.clear()  # pylint: disable=protected-access
       rain._searchers.clear()  # pylint: disable=protected-access
       counted = rain.run_batch(batch, batch_size)
       jax.effects_barrier()
