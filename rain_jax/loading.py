@@ -1,6 +1,9 @@
-"""Turns the model flags into (config, params on the mesh, tokenizer)."""
+"""Turns the model flags into (config, params on the mesh, tokenizer).
+
+Weight paths go through `etils.epath`, so an orbax `--checkpoint` (and an `--hf_dir`)
+may be a gs:// folder; a GGUF file must be local (it is memory-mapped).
+"""
 import dataclasses
-import os
 
 from models import convert, gguf, llama, registry
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -41,10 +44,11 @@ def _weights_location(model, checkpoint, hf_dir, gguf_path):
     raise ValueError('no model: pass --model (a registry name), --checkpoint, --hf_dir '
                      'or --gguf')
   flag, path = given[0]
-  if not os.path.exists(path):
+  location = convert.as_path(path)
+  if not location.exists():
     raise FileNotFoundError(f'{flag}: {path} does not exist')
   fmt = {'--checkpoint': 'orbax', '--hf_dir': 'hf', '--gguf': 'gguf'}[flag]
-  return fmt, path, None, os.path.basename(os.path.normpath(path))
+  return fmt, path, None, location.name
 
 
 def _find_tokenizer(fmt, path, tokenizer_flag, registry_tokenizer):
@@ -68,11 +72,8 @@ def _config(fmt, path, dtype, scan_layers):
   if fmt == 'hf':
     return convert.config_from_hf(convert.read_hf_config(path), dtype=dtype,
                                   scan_layers=scan_layers)
-  saved = convert.load_config(path)
-  if saved.scan_layers != scan_layers:
-    raise ValueError(f'{path} was saved with scan_layers={saved.scan_layers}; pass '
-                     f'--scan_layers={saved.scan_layers} or convert it again')
-  return saved.replace(dtype=dtype)
+  # Either layer layout restores into either (convert.restore_params).
+  return convert.load_config(path).replace(dtype=dtype, scan_layers=scan_layers)
 
 
 def describe_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None,
