@@ -2,7 +2,10 @@
 
 One call generates the answers of a batch of B prompts. Each prompt has its own tree,
 budget and stopping; the trees advance in lockstep (one simulation per tree per tick)
-and finished trees are masked out. The semantics are docs/algorithm.md's (reference
+and finished trees are masked out. For continuous batching the same ticks run over a
+state the caller keeps on the devices: `start_fn` fills every tree, `advance_fn` ticks
+until some tree finishes, `refill_fn` starts one tree afresh on a new prompt
+(docs/engine.md §6). The semantics are docs/algorithm.md's (reference
 mode); docs/engine.md lists where array capacities bound what the reference leaves
 unbounded, and docs/architecture.md walks one simulation through the code.
 

@@ -13,10 +13,11 @@ another in this one process, so they share the machine's load of the moment (the
 average is recorded around each). Every answer (response ids, stop reason, search
 statistics) of the batch and stream passes is compared with the single pass.
 
-Prints one JSON object. Example (the measurement of docs/measurements.md, issue 10):
+Prints one JSON object (and logs one JSON line per pass, with its answers, on stderr as
+the pass ends). Example (the measurement of docs/measurements.md, issue 10):
 
   OMP_WAIT_POLICY=PASSIVE python scripts/bench_continuous.py --num_examples=32 \\
-      --batch_size=8 --value_threshold=0.0
+      --batch_size=8 --value_threshold=-0.5
 """
 import argparse
 import dataclasses
@@ -69,12 +70,14 @@ def timed_pass(name, runner, items, batch_size, widths, log):
   if name == 'stream':
     for record in runner.run_stream(items, batch_size, widths):
       records.append(record)
-      log(f'stream: {record["id"]} done after {time.time() - t0:.1f} s')
+      log(f'stream: {record["id"]} done after {time.time() - t0:.1f} s, '
+          f'{record["search"]["simulations"]} simulations')
   else:
     size = 1 if name == 'single' else batch_size
     for start in range(0, len(items), size):
       records += runner.run_batch(items[start:start + size], size, widths)
-      log(f'{name}: {len(records)}/{len(items)} after {time.time() - t0:.1f} s')
+      log(f'{name}: {len(records)}/{len(items)} after {time.time() - t0:.1f} s, '
+          f'simulations {[r["search"]["simulations"] for r in records[start:]]}')
   seconds = time.time() - t0
   sims = [r['search']['simulations'] for r in records]
   return {r['id']: r for r in records}, {
@@ -114,6 +117,9 @@ def main(argv=None):
     log(f'pass {name}')
     results[name], report['passes'][name] = timed_pass(name, runner, items, args.batch_size,
                                                        widths, log)
+    # One line per pass as it ends (a run cut short keeps the passes it finished).
+    log('pass ' + json.dumps({'pass': name, **report['passes'][name], 'answers': {
+        i: answer_key(r) for i, r in results[name].items()}}))
   report['compile_seconds'] = {
       name: ({p.method: round(p.compile_seconds, 1)
               for p in runner.stream_programs(args.batch_size, *widths).all()}

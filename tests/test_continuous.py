@@ -11,6 +11,10 @@ statistics, tree dumps), only the timing fields may differ.
 import dataclasses
 import json
 import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import types
 
 import jax
@@ -21,7 +25,7 @@ import pytest
 from models import llama
 from models.presets import get_preset
 from models.tokenizer import load_tokenizer
-from rain_jax import engine, search, tasks
+from rain_jax import engine, search, sharding, tasks
 from rain_jax.config import RainConfig
 from tests import llama_recompute
 
@@ -39,9 +43,9 @@ CFG = RainConfig(max_T=4, min_T=2, max_new_tokens=8, num_nodes=128, max_depth=3,
 TIMING = ('seconds', 'batch_seconds', 'batch_size', 'compile_seconds')
 
 
-@pytest.fixture(scope='module')
-def runner(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('continuous')
+def make_runner(folder, mesh=None):
+  """The RainRunner of these tests (custom task files written under `folder`, a
+  pathlib.Path), parameters placed on `mesh` when given."""
   prompt_file = folder / 'prompts.jsonl'
   prompt_file.write_text(''.join(json.dumps({'id': f'p{i}', 'prompt': p}) + '\n'
                                  for i, p in enumerate(PROMPTS)))
@@ -52,9 +56,17 @@ def runner(tmp_path_factory):
                         judge_prompts=str(folder / 'judge'), turn_marker='Human:')
   params = jax.tree.map(jnp.asarray, llama_recompute.scaled_params(MODEL, seed=3,
                                                                    embed_scale=8.0))
+  if mesh is not None:
+    params = jax.device_put(params, sharding.param_shardings(
+        llama.param_shapes(MODEL), mesh, head_dim=MODEL.head_dim))
   model = types.SimpleNamespace(name='tiny', config=MODEL, params=params,
                                 tokenizer=load_tokenizer(LLAMA_TOKENIZER))
-  return engine.RainRunner(model, None, task, CFG, dump_tree=True)
+  return engine.RainRunner(model, mesh, task, CFG, dump_tree=True)
+
+
+@pytest.fixture(scope='module')
+def runner(tmp_path_factory):
+  return make_runner(tmp_path_factory.mktemp('continuous'))
 
 
 @pytest.fixture(scope='module')
@@ -148,3 +160,59 @@ def test_stream_programs_are_compiled_with_memory(runner, widths):
   for program in progs.all():
     assert program.compiled is not None and program.memory.peak > 0
     assert program.batch_size == 2 and (program.prompt_width, program.judge_width) == widths
+
+
+def test_plan_streams_groups_the_planned_batches_by_widths(runner, items):
+  short = [(ex, ids[:3]) for ex, ids in items[:2]]
+  long = [(ex, ids + [ids[-1]] * 70) for ex, ids in items[2:]]
+  todo = short + long[:1] + short[:1] + long[1:]
+  streams = engine.plan_streams(runner, todo, 2, max_programs=2)
+  planned = engine.plan_batches(runner, todo, 2, max_programs=2)
+  assert [w for w in dict.fromkeys(w for _, w in planned)] == [w for _, w in streams]
+  assert len(streams) == 2 and streams[0][1][0] < streams[1][1][0]
+  for items_of, widths in streams:
+    assert items_of == [item for batch, w in planned if w == widths for item in batch]
+  assert sorted(id(x) for s, _ in streams for x in s) == sorted(id(x) for x in todo)
+
+
+# ------------------------------------------------------------- a mesh of 4 CPU devices
+
+MESH_SCRIPT = """
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
+sys.path.insert(0, sys.argv[1])
+from tests import test_continuous as t
+print(t.mesh_report(sys.argv[2]))
+"""
+
+
+def mesh_report(folder):
+  """JSON: the stream on 4 rows over mesh 2,1,2 (rows over 'data', heads over 'tensor')
+  against batch-1 records on one device. Run in a process with 4 CPU devices."""
+  folder = pathlib.Path(folder)
+  (folder / 'one').mkdir()
+  (folder / 'mesh').mkdir()
+  single = make_runner(folder / 'one')
+  meshed = make_runner(folder / 'mesh', sharding.make_mesh('2,1,2'))
+  examples = single.task.load_examples(0, -1)
+  items = list(zip(examples, single.encode(examples)))
+  widths = single.widths(items)
+  alone = {ex.id: single.run_batch([(ex, ids)], 1, widths)[0] for ex, ids in items}
+  mismatches = []
+  for record in meshed.run_stream(items * 2, 4, widths):  # 10 examples on 4 rows
+    try:
+      assert_same_record(record, alone[record['id']])
+    except AssertionError as e:
+      mismatches.append([record['id'], str(e)[:500]])
+  return json.dumps({'devices': jax.device_count(), 'mismatches': mismatches})
+
+
+@pytest.mark.slow
+def test_stream_on_a_mesh_gives_the_batch_of_one_records():
+  with tempfile.TemporaryDirectory() as folder:
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    process = subprocess.run([sys.executable, '-c', MESH_SCRIPT, REPO, folder], cwd=REPO,
+                             env=env, capture_output=True, text=True, timeout=1800)
+  assert process.returncode == 0, process.stderr[-4000:]
+  report = json.loads(process.stdout.strip().splitlines()[-1])
+  assert report['devices'] == 4 and not report['mismatches'], report
