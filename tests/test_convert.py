@@ -1,6 +1,7 @@
 """models/convert.py: HF safetensors / GGUF -> params -> orbax, against torch state dicts."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import pytest
 import safetensors.numpy
 from flax import traverse_util
 
-from models import convert, presets
+from models import convert, llama, presets
 from models.llama import unstack_layers
 
 # Our leaf (layer-relative) -> HF state-dict suffix, and whether HF stores it transposed.
@@ -170,7 +171,9 @@ def test_interrupted_save_leaves_nothing_complete(tiny_hf_checkpoint, tmp_path, 
   with pytest.raises(ValueError, match="param embed/embedding is float32"):
     convert.save_params(params, tmp_path / "other", config.replace(param_dtype="bfloat16"))
   with pytest.raises(ValueError, match="holds a checkpoint for"):
-    convert.restore_params(target, config.replace(scan_layers=False))
+    convert.restore_params(target, config.replace(num_layers=config.num_layers + 1))
+  with pytest.raises(ValueError, match="holds a checkpoint for"):
+    convert.restore_params(target, config.replace(tie_embeddings=not config.tie_embeddings))
 
 
 def test_unpermute_rotary_rows_by_hand():
@@ -321,3 +324,126 @@ def test_convert_checkpoint_script(tiny_hf_checkpoint, tmp_path):
   assert again.returncode == 1 and "already exists" in again.stderr
   both = run_convert_script(f"--hf_dir={hf_dir}", "--gguf=x.gguf", f"--output={tmp_path}/b")
   assert both.returncode == 1 and "give exactly one of --hf_dir and --gguf" in both.stderr
+
+
+def write_tree_checkpoint(params, directory, config):
+  """A checkpoint in the older single-tree layout: one orbax tree in params/."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  os.makedirs(directory)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(directory, "params"), params)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    f.write(config.to_json())
+
+
+@pytest.mark.parametrize("tree_layout", [False, True])
+def test_cross_layout_restore_is_exact_both_ways(tmp_path, tree_layout):
+  config = presets.get_preset("tiny-gqa").replace(num_layers=3)
+  unrolled = llama.init_params(config.replace(scan_layers=False), jax.random.PRNGKey(3))
+  flat = {path: np.asarray(v) for path, v in traverse_util.flatten_dict(unrolled).items()}
+  stacked = llama.stack_layers(unrolled, config.num_layers)
+  for saved_scan, params in ((True, stacked), (False, unrolled)):
+    directory = tmp_path / f"saved-scan{saved_scan}"
+    saved_config = config.replace(scan_layers=saved_scan)
+    if tree_layout:
+      write_tree_checkpoint(params, directory, saved_config)
+    else:
+      convert.save_params(params, directory, saved_config)
+      assert sorted(os.listdir(directory)) == ["config.json", "tensors"]
+    for target_scan in (True, False):
+      restored = convert.restore_params(directory, config.replace(scan_layers=target_scan))
+      assert ("layers" in restored) == target_scan
+      if target_scan:
+        restored = llama.unstack_layers(restored, config.num_layers)
+      restored = traverse_util.flatten_dict(restored)
+      assert set(restored) == set(flat)
+      for path, value in flat.items():
+        np.testing.assert_array_equal(np.asarray(restored[path]), value, err_msg="/".join(path))
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path, monkeypatch):
+  config = presets.get_preset("tiny-gqa").replace(num_layers=2, scan_layers=False)
+  params = llama.init_params(config, jax.random.PRNGKey(0))
+  good = tmp_path / "good"
+  convert.save_params(params, good, config)
+  assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+  no_config = tmp_path / "no_config"
+  shutil.copytree(good, no_config)
+  (no_config / "config.json").unlink()
+  with pytest.raises(ValueError, match="not a complete rain_jax checkpoint"):
+    convert.restore_params(no_config)
+
+  missing = tmp_path / "missing"
+  shutil.copytree(good, missing)
+  shutil.rmtree(missing / "tensors" / "layers_1.mlp.w_up.kernel")
+  with pytest.raises(ValueError, match=r"not a complete rain_jax checkpoint: tensors/ lacks "
+                                       r"\['layers_1.mlp.w_up.kernel'\]"):
+    convert.restore_params(missing)
+
+  # On gs:// a tensor folder without orbax's commit marker is not finalised; here orbax's
+  # own check is made to answer as it would there.
+  real = convert.ocp.utils.is_checkpoint_finalized
+  monkeypatch.setattr(convert.ocp.utils, "is_checkpoint_finalized",
+                      lambda path: not str(path).endswith("final_norm.scale") and real(path))
+  with pytest.raises(ValueError, match="final_norm.scale was not finalised by orbax"):
+    convert.restore_params(good)
+
+
+def test_sharded_conversion_equals_unsharded_on_eight_devices(tiny_hf_checkpoint, tmp_path):
+  hf_dir, model = tiny_hf_checkpoint(num_heads=4, num_kv_heads=2)
+  expected = tmp_path / "expected.npz"
+  np.savez(expected, **{"/".join(p): v for p, v in expected_unrolled_params(model).items()})
+  gguf_path = tmp_path / "same.gguf"
+  write_gguf_from_hf(model, gguf_path)
+  report = run_e2e("mesh", hf_dir, tmp_path, expected, gguf_path)
+  assert report == {"restored": 12}
+
+
+def run_e2e(*args, timeout=240):
+  result = subprocess.run([sys.executable, "-m", "tests.convert_e2e", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_two_process_conversion_restores_into_the_other_layout(tiny_hf_checkpoint, tmp_path):
+  hf_dir, model = tiny_hf_checkpoint(num_heads=4, num_kv_heads=2)
+  expected = tmp_path / "expected.npz"
+  np.savez(expected, **{"/".join(p): v for p, v in expected_unrolled_params(model).items()})
+  work = tmp_path / "work"
+  work.mkdir()
+  report = run_e2e("multiprocess", hf_dir, work, expected, "true", "1,4,2", "2,1,4")
+  assert report["saved_scan_layers"] is True
+  assert len(report["lines"]) == 2
+  for i, line in enumerate(report["lines"]):
+    assert line.startswith(f"process {i} of 2: wrote {work / 'ckpt'}: "), line
+  # Both processes wrote their own shards of the embedding.
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(report["embed_files"])
+  assert sorted(os.listdir(work)) == ["ckpt", "process0.log", "process1.log"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mesh=1,2,1"], "mesh spec '1,2,1' has 2 devices in all"),
+    (["--process_id=0"], "--process_id need --distributed"),
+    (["--distributed"], "--distributed needs --mesh"),
+    (["--distributed", "--mesh=1,1,1", "--process_id=1"],
+     "--coordinator_address, --num_processes and --process_id go together"),
+    (["--distributed", "--mesh=1,1,1", "--coordinator_address=localhost",
+      "--num_processes=2", "--process_id=0"], "--coordinator_address must be HOST:PORT"),
+])
+def test_convert_script_bad_flags_give_one_line(tmp_path, flags, message):
+  hf_dir = tmp_path / "hf"
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps(dict(
+      model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8,
+      num_hidden_layers=1, num_attention_heads=2)))
+  result = run_convert_script(f"--hf_dir={hf_dir}", f"--output={tmp_path}/out", *flags)
+  assert result.returncode == 1, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+  assert errors == [f"convert_checkpoint: error: {errors[0].split('error: ', 1)[1]}"], errors
+  assert message in errors[0]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "out").exists()
