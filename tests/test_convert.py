@@ -447,3 +447,35 @@ def test_convert_script_bad_flags_give_one_line(tmp_path, flags, message):
   assert message in errors[0]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_object_store_save_is_in_place_and_marked_complete_by_config_last(tmp_path,
+                                                                            monkeypatch):
+  # gs:// cannot be reached here: the object-store branch (no staging folder, no rename,
+  # config.json written last) runs on a local folder by answering is_remote as gs:// would.
+  monkeypatch.setattr(convert, "is_remote", lambda path: True)
+  config = presets.get_preset("tiny-gqa").replace(num_layers=2)
+  params = llama.init_params(config, jax.random.PRNGKey(1))
+  target = tmp_path / "bucket" / "ckpt"
+
+  def interrupted(self):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(type(config), "to_json", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_params(params, target, config)
+  monkeypatch.undo()
+  monkeypatch.setattr(convert, "is_remote", lambda path: True)
+  # Written in place: every tensor is there, but without config.json it is not complete.
+  assert os.listdir(tmp_path / "bucket") == ["ckpt"]
+  assert len(os.listdir(target / "tensors")) == len(convert._unrolled_paths(config))
+  with pytest.raises(ValueError, match="not a complete rain_jax checkpoint"):
+    convert.restore_params(target)
+  with pytest.raises(FileExistsError, match="already exists"):
+    convert.save_params(params, target, config)
+
+  convert.save_params(params, tmp_path / "bucket" / "good", config)
+  assert sorted(os.listdir(tmp_path / "bucket")) == ["ckpt", "good"]
+  restored = convert.restore_params(tmp_path / "bucket" / "good")
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
