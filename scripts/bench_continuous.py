@@ -49,7 +49,41 @@ def parse_args(argv=None):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--passes', default='batch,stream,single',
                       help='comma-separated, run in this order')
+  parser.add_argument('--from_logs', nargs='+', default=None,
+                      help="no run: the report of the passes logged in these files (the "
+                           "'pass {...}' lines of earlier runs' stderr), e.g. batch and "
+                           "stream from one run, single from another")
   return parser.parse_args(argv)
+
+
+def logged_passes(paths):
+  """{name: logged pass} from the 'pass {json}' lines of earlier runs' logs (a later
+  line of the same pass wins)."""
+  passes = {}
+  for path in paths:
+    with open(path, encoding='utf-8') as f:
+      for line in f:
+        if line.startswith('pass {'):
+          logged = json.loads(line[len('pass '):])
+          passes[logged['pass']] = logged
+  return passes
+
+
+def compare(passes):
+  """The cross-pass part of the report: answers against batch 1, stream over batch."""
+  report = {}
+  if 'single' in passes:
+    reference = passes['single']['answers']
+    for name, logged in passes.items():
+      differ = sorted(i for i, a in logged['answers'].items() if a != reference.get(i))
+      report[f'{name}_answers_equal_batch_1'] = not differ
+      report[f'{name}_differing_ids'] = differ
+  if 'batch' in passes and 'stream' in passes:
+    report['stream_answers_equal_batch'] = (passes['stream']['answers']
+                                            == passes['batch']['answers'])
+    report['stream_over_batch_prompts_per_hour'] = round(
+        passes['stream']['prompts_per_hour'] / passes['batch']['prompts_per_hour'], 3)
+  return report
 
 
 def answer_key(record):
@@ -92,6 +126,12 @@ def timed_pass(name, runner, items, batch_size, widths, log):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.from_logs:
+    passes = logged_passes(args.from_logs)
+    print(json.dumps({'passes': {name: {k: v for k, v in logged.items() if k != 'answers'}
+                                 for name, logged in passes.items()},
+                      'comparison': compare(passes)}, indent=1))
+    return
   log = lambda message: print(message, file=sys.stderr, flush=True)
   jax.config.update('jax_compilation_cache_dir', os.path.join(registry.cache_dir(), 'xla'))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
@@ -126,18 +166,8 @@ def main(argv=None):
              if name == 'stream' else round(runner.program(
                  1 if name == 'single' else args.batch_size, *widths).compile_seconds, 1))
       for name in results}
-  if 'single' in results:
-    reference = {i: answer_key(r) for i, r in results['single'].items()}
-    for name in results:
-      differ = [i for i, r in results[name].items() if answer_key(r) != reference[i]]
-      report['passes'][name]['answers_equal_batch_1'] = not differ
-      report['passes'][name]['differing_ids'] = differ
-  if 'batch' in results and 'stream' in results:
-    report['stream_answers_equal_batch'] = all(
-        answer_key(r) == answer_key(results['batch'][i]) for i, r in results['stream'].items())
-    report['stream_over_batch_prompts_per_hour'] = round(
-        report['passes']['stream']['prompts_per_hour']
-        / report['passes']['batch']['prompts_per_hour'], 3)
+  report['comparison'] = compare({name: {**report['passes'][name], 'answers': {
+      i: answer_key(r) for i, r in results[name].items()}} for name in results})
   print(json.dumps(report, indent=1))
 
 
