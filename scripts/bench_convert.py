@@ -137,6 +137,11 @@ mesh = sharding.make_mesh({mesh!r})
 x = jax.make_array_from_callback((8, 8), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
                                  lambda index: np.zeros((8, 8), np.float32)[index])
 x.block_until_ready()
+if {orbax_save}:
+  # What converting a model of no size costs: orbax's save machinery (its barriers compile
+  # a small XLA program; tensorstore starts its pools), on one tiny sharded array.
+  with orbax.checkpoint.Checkpointer(orbax.checkpoint.PyTreeCheckpointHandler()) as c:
+    c.save({path!r}, args=orbax.checkpoint.args.PyTreeSave({{"value": x}}))
 print("baseline peak RSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB", flush=True)
 distributed.finish()
 '''
@@ -156,6 +161,7 @@ params = convert.restore_params({checkpoint!r}, config, shardings)
 jax.block_until_ready(params)
 seconds = time.time() - start
 rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+held = sum(shard.data.nbytes for leaf in jax.tree.leaves(params) for shard in leaf.addressable_shards)
 index = convert.safetensors_index({hf_dir!r})
 names = {{"embed/embedding": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
          "lm_head": "lm_head.weight"}}
@@ -187,6 +193,7 @@ for path, leaf in flat.items():
       sys.exit(f"{{name}} layer {{layer}} differs from {{source}}")
     compared += 1
 print(json.dumps({{"restore_seconds": round(seconds, 1), "restore_peak_rss_mib": round(rss),
+                  "restored_bytes_on_devices_mib": round(held / 2**20),
                   "tensors_compared_equal": compared, "scan_layers": {scan!r}, "mesh": {mesh!r}}}))
 '''
 
@@ -224,12 +231,16 @@ def main():
   report['source']['write_seconds'] = round(time.time() - start, 1)
 
   scripts = os.path.join(ROOT, 'scripts')
-  texts = run_two_processes(
-      lambda i, address: [sys.executable, '-c', BASELINE_CHILD.format(
-          scripts=scripts, address=address, index=i, mesh=args.mesh)],
-      os.path.join(args.work, 'baseline'), args.timeout)
-  report['baseline_peak_rss_mib'] = [
-      float(re.search(r'baseline peak RSS ([\d.]+) MiB', t).group(1)) for t in texts]
+  for key, orbax_save in (('baseline_peak_rss_mib', False),
+                          ('baseline_with_tiny_orbax_save_peak_rss_mib', True)):
+    texts = run_two_processes(
+        lambda i, address, orbax_save=orbax_save: [
+            sys.executable, '-c', BASELINE_CHILD.format(
+                scripts=scripts, address=address, index=i, mesh=args.mesh,
+                orbax_save=orbax_save, path=os.path.join(args.work, f'tiny{int(orbax_save)}'))],
+        os.path.join(args.work, f'baseline{int(orbax_save)}-'), args.timeout)
+    report[key] = [float(re.search(r'baseline peak RSS ([\d.]+) MiB', t).group(1))
+                   for t in texts]
 
   checkpoint = os.path.join(args.work, 'ckpt')
   start = time.time()
@@ -252,6 +263,9 @@ def main():
       'target_mib': [round(b + 1.5 * largest, 1) for b in report['baseline_peak_rss_mib']],
       'under_target': [p < b + 1.5 * largest for p, b in
                        zip(peaks, report['baseline_peak_rss_mib'])],
+      'peak_minus_orbax_baseline_mib': [
+          round(p - b, 1) for p, b in
+          zip(peaks, report['baseline_with_tiny_orbax_save_peak_rss_mib'])],
       'checkpoint_mib': round(sum(os.path.getsize(os.path.join(d, f))
                                   for d, _, fs in os.walk(checkpoint) for f in fs) / 2**20, 1)}
 
