@@ -42,8 +42,9 @@ DEFAULT_PEER_TIMEOUT_SECONDS = 20.0
 _state = {'watchdog': None, 'program': 'rain_jax', 'broadcasts': 0}
 
 
-class DistributedError(RuntimeError):
-  """The multi-process job cannot start or continue (bad flags, lost peers)."""
+class DistributedError(ValueError):
+  """The multi-process job cannot start or continue: inconsistent coordinates, a job that
+  cannot form, or process 0's decision was an error (reported like bad input)."""
 
 
 def is_initialized() -> bool:
@@ -140,6 +141,28 @@ def _end(message: str) -> None:
   os._exit(1)  # pylint: disable=protected-access
 
 
+def fail_or_blame(message: str) -> None:
+  """Like `fail`, unless a peer has gone silent: then the error names that peer.
+
+  A collective whose peer died raises here as a transport error ("connection reset by
+  peer"); the useful line is which process stopped. Waits up to 3 heartbeats: a peer
+  whose heartbeat did not move in that time is reported as the cause; otherwise the
+  failure is this process's own and `message` is reported. Never returns.
+  """
+  watchdog = _state['watchdog']
+  if watchdog is not None:
+    grace = 3 * HEARTBEAT_SECONDS
+    start = time.monotonic()
+    while time.monotonic() - start < grace + HEARTBEAT_SECONDS:
+      silent = watchdog.silent_peers(grace)
+      if silent:
+        peer = silent[0]
+        _end(f'process {peer} (host {watchdog._known_host(peer)}) stopped responding; '  # pylint: disable=protected-access
+             f'ending this process too ({message[:200]})')
+      time.sleep(HEARTBEAT_SECONDS / 4)
+  fail(message)
+
+
 def fail(message: str) -> None:
   """Reports this process's failure to its peers, prints one line and exits with 1.
 
@@ -166,10 +189,17 @@ class Watchdog(threading.Thread):
     self.client = _client()
     self.stopped = threading.Event()
     self._hosts = {}
+    # {peer: (its last heartbeat value, when this host saw it change)}
+    self.seen = {peer: (None, time.monotonic()) for peer in self.peers}
+
+  def silent_peers(self, seconds):
+    """Peers (not finished) whose heartbeat has not moved for `seconds`."""
+    now = time.monotonic()
+    return [peer for peer, (_, since) in list(self.seen.items()) if now - since > seconds]
 
   def run(self):
     beat = 0
-    seen = {peer: (None, time.monotonic()) for peer in self.peers}
+    seen = self.seen
     while not self.stopped.wait(HEARTBEAT_SECONDS):
       beat += 1
       try:
@@ -190,6 +220,7 @@ class Watchdog(threading.Thread):
       now = time.monotonic()
       for peer in self.peers:
         if peer in finished:
+          self.seen.pop(peer, None)
           continue
         value = beats.get(peer)
         last_value, since = seen[peer]

@@ -83,7 +83,18 @@ TABLE = (
     Flag('device_memory_gib', 'float', None, 'Memory of one device to check the compiled '
          'programs against before the weights load (default: what the runtime reports; '
          'the CPU reports none).', role=OPERATIONAL),
-    Flag('distributed', 'bool', False, 'Call jax.distributed.initialize() (multi-host).',
+    Flag('distributed', 'bool', False, 'Join a multi-process JAX job (multi-host): with '
+         'no coordinates given, JAX detects them on Cloud TPU VMs, under SLURM or Open MPI. '
+         'Process 0 alone writes --output.', role=OPERATIONAL),
+    Flag('coordinator_address', 'string', None, 'Multi-process: HOST:PORT of process 0 '
+         '(with --num_processes and --process_id; implies --distributed).',
+         role=OPERATIONAL),
+    Flag('num_processes', 'integer', None, 'Multi-process: how many processes form the job.',
+         role=OPERATIONAL),
+    Flag('process_id', 'integer', None, 'Multi-process: this process, in [0, '
+         '--num_processes).', role=OPERATIONAL),
+    Flag('peer_timeout_seconds', 'float', 20.0, 'Multi-process: a process that has not '
+         'been heard from for this long ends every process, with an error naming it.',
          role=OPERATIONAL),
     # Task.
     Flag('task', 'string', 'hh', 'Task: hh, adv, truthfulqa, sentiment or custom.',

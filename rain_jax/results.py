@@ -11,6 +11,13 @@ One writer per file: `ResultWriter` holds an exclusive `flock` on the results fi
 it is open, so a second run pointed at the same output fails at once instead of
 interleaving lines (the kernel drops the lock when the holder dies, even by kill -9).
 
+Object stores. An output (and its sidecar) may be a `gs://` URL (any path with a scheme
+that `etils.epath` knows). An object cannot be appended to, so `ObjectResultWriter`
+rewrites the whole object with every record; an object write replaces the object at
+once, so readers see the file before or after a record, never half of one. There is no
+lock on an object: one process must write it (in a multi-process run, process 0 alone
+writes; rain_jax/run.py).
+
 Shards. `shard_examples` gives shard i of n the examples whose dataset index is i mod n
 (after --start/--num_examples chose the range). Together the shards cover the range once;
 an example never changes shard when the range is widened later, and long and short
@@ -74,10 +81,9 @@ def read_records(path):
 
   Raises ValueError naming the file and line when a complete line is not JSON.
   """
-  if not os.path.exists(path):
+  data = _read_bytes(path)
+  if data is None:
     return []
-  with open(path, 'rb') as f:
-    data = f.read()
   complete = data.split(b'\n')[:-1]  # the last piece is b'' or an unterminated line
   records = []
   for number, line in enumerate(complete, 1):
@@ -88,6 +94,28 @@ def read_records(path):
         raise ValueError(f'{path}:{number}: not a JSON record ({e.msg}); the file is '
                          f'corrupt') from None
   return records
+
+
+def is_remote(path) -> bool:
+  """True for a URL such as gs://bucket/file (read and written through etils.epath)."""
+  return '://' in os.fspath(path)
+
+
+def _read_bytes(path):
+  """The bytes of the file or object at `path`, or None when there is none."""
+  if is_remote(path):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    target = epath.Path(path)
+    return target.read_bytes() if target.exists() else None
+  if not os.path.exists(path):
+    return None
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def open_writer(path):
+  """The writer for `path`: ResultWriter for a local file, ObjectResultWriter for a URL."""
+  return ObjectResultWriter(path) if is_remote(path) else ResultWriter(path)
 
 
 def done_keys(path):
@@ -154,6 +182,41 @@ class ResultWriter:
     self.close()
 
 
+class ObjectResultWriter:
+  """Appends records to an object (gs://...) by rewriting it whole after each record.
+
+  Same contract as ResultWriter (a torn last line is dropped at open; every record is
+  stored before `write` returns) without the lock: the caller makes sure one process
+  writes. Rewriting costs the object's size per record: fine for results files (a few
+  KiB per record, minutes per batch at scale).
+  """
+
+  def __init__(self, path, storage=None):
+    """storage: an etils.epath.Path-like object (tests pass a local one); default
+    epath.Path(path)."""
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    self.path = path
+    self._object = storage if storage is not None else epath.Path(path)
+    data = self._object.read_bytes() if self._object.exists() else b''
+    self._data = data[:data.rfind(b'\n') + 1]
+    if self._data != data:
+      self._object.write_bytes(self._data)
+
+  def write(self, record: dict):
+    line = (json.dumps(record, ensure_ascii=False) + '\n').encode('utf-8')
+    self._object.write_bytes(self._data + line)
+    self._data += line
+
+  def close(self):
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
 def shard_examples(examples, shard_index: int, num_shards: int):
   """The examples of shard `shard_index` of `num_shards`: those with index % n == i.
 
@@ -181,11 +244,11 @@ def answer_config(flag_values: dict) -> dict:
 def read_config(output: str):
   """The sidecar of `output` as a dict, or None when there is none."""
   path = config_path(output)
-  if not os.path.exists(path):
+  data = _read_bytes(path)
+  if data is None:
     return None
   try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
+    return json.loads(data.decode('utf-8'))
   except json.JSONDecodeError as e:
     raise ValueError(f'{path}: not valid JSON ({e.msg}); delete it or pass a new --output'
                      ) from None
@@ -242,12 +305,16 @@ def library_versions() -> dict:
   return versions
 
 
-def session_record(flag_values: dict, model_name: str, model_parameters: int) -> dict:
-  """Provenance of this session: flags, model, code commit, versions, host, start time."""
+def session_record(flag_values: dict, model_name: str, model_parameters: int,
+                   processes=None) -> dict:
+  """Provenance of this session: flags, model, code commit, versions, host, start time.
+
+  processes: the host of each process of a multi-process job (recorded when given)."""
   code_folder = os.path.dirname(os.path.abspath(__file__))
   return {
       'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'host': socket.gethostname(),
+      **({'processes': list(processes)} if processes and len(processes) > 1 else {}),
       'pid': os.getpid(),
       'argv': list(sys.argv),
       'flags': dict(sorted(flag_values.items())),
@@ -278,7 +345,13 @@ def record_session(output: str, flag_values: dict, session: dict) -> dict:
 
 
 def write_json_atomic(path: str, content) -> None:
-  """Writes JSON to `path` so that readers see the old file or the new one, never a mix."""
+  """Writes JSON to `path` so that readers see the old file or the new one, never a mix.
+
+  A URL (gs://...) is written as one object, which replaces the old one at once."""
+  if is_remote(path):
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    epath.Path(path).write_text(json.dumps(content, indent=1, ensure_ascii=False) + '\n')
+    return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   fd, temp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',

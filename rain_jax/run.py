@@ -6,7 +6,13 @@ Writes one JSON line per (prompt, method) to --output, appending; prompts alread
 answered there are skipped, so a killed run (even by kill -9) resumes where it stopped,
 and `<output>.config.json` records the flags, code commit and versions of every session
 (rain_jax/results.py). --shard_index/--num_shards split the chosen examples between
-processes by dataset index modulo the number of shards. Every input is checked before
+independent jobs by dataset index modulo the number of shards.
+
+Multi-process (--distributed, or --coordinator_address/--num_processes/--process_id):
+the processes form one JAX job over all their devices (rain_jax/distributed.py). What
+the output holds (config check, answered prompts) is read by process 0 alone and shared,
+process 0 alone writes the results and sidecar, and any process's failure ends all of
+them with one line naming the process and its host. Every input is checked before
 the output file is touched: a bad flag or file gives a one-line error and exit status 1,
 and no output. Progress bars with ETA go to stderr.
 """
@@ -47,6 +53,8 @@ def _check_output_location(path):
   """InputError unless `path` names a file that exists or can be created."""
   if not path:
     raise InputError('--output must name a results file')
+  if '://' in path:
+    return  # an object store URL: written through etils.epath (rain_jax/results.py)
   if os.path.isdir(path):
     raise InputError(f'--output {path} is a directory, not a file')
   folder = os.path.dirname(os.path.abspath(path))
@@ -106,16 +114,56 @@ def main(argv):
   try:
     _run()
   except (InputError, ValueError, FileNotFoundError) as e:
-    print(f'rain_jax.run: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    _exit_with_error(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if not _multi_process():
+      raise
+    # The traceback for this host's log; the peers hear one line and stop too. A collective
+    # that failed because a peer died is reported as that peer's loss.
+    logging.exception('rain_jax.run failed')
+    from rain_jax import distributed
+    distributed.fail_or_blame(
+        f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+  from rain_jax import distributed
+  distributed.finish()
+
+
+def _multi_process():
+  from rain_jax import distributed
+  return distributed.is_initialized() and distributed.process_count() > 1
+
+
+def _exit_with_error(message):
+  """One line on stderr and exit status 1; in a multi-process job every process stops."""
+  if _multi_process():
+    from rain_jax import distributed
+    distributed.fail(message)  # tells the peers; does not return
+  print(f'rain_jax.run: error: {message}', file=sys.stderr)
+  sys.exit(1)
+
+
+def _start_distributed():
+  """Joins the multi-process job when --distributed or its coordinates ask for it."""
+  from rain_jax import distributed
+  coordinates = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if not FLAGS.distributed and all(c is None for c in coordinates):
+    return
+  if FLAGS.peer_timeout_seconds <= 0:
+    raise InputError(f'--peer_timeout_seconds must be > 0, got {FLAGS.peer_timeout_seconds}')
+  try:
+    distributed.initialize(*coordinates, peer_timeout_seconds=FLAGS.peer_timeout_seconds,
+                           program='rain_jax.run')
+  except distributed.DistributedError as e:
+    raise InputError(str(e)) from None
 
 
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
   import jax
-  from rain_jax import loading, programs, progress, results, sharding
+  from rain_jax import distributed, loading, programs, progress, results, sharding
 
   _check_flags()
+  _start_distributed()
   compilation_cache = FLAGS.compilation_cache
   if compilation_cache is None:
     from models import registry
@@ -123,13 +171,16 @@ def _run():
   if compilation_cache:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-  sharding.initialize_distributed(FLAGS.distributed)
   task, examples = chosen_examples()
   if not examples:
     logging.info('shard %d of %d holds none of the chosen examples; nothing to do',
                  FLAGS.shard_index, FLAGS.num_shards)
     return
-  results.check_config(FLAGS.output, run_flag_values(), FLAGS.allow_config_change)
+  # Whatever is read from the output is read by process 0 alone and shared (its decision
+  # is every process's), so the processes of a job always agree on the work.
+  writes = distributed.is_coordinator()
+  distributed.from_process_zero(lambda: results.check_config(
+      FLAGS.output, run_flag_values(), FLAGS.allow_config_change))
   mesh = sharding.make_mesh(FLAGS.mesh)
   no_source = not (FLAGS.checkpoint or FLAGS.hf_dir or FLAGS.gguf)
   model_name = FLAGS.model or (DEFAULT_MODEL if no_source else None)
@@ -140,7 +191,9 @@ def _run():
   runners = make_runners(model, mesh, task)
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
-  plans = plan_runs(runners, examples, encoded, results.done_keys(FLAGS.output))
+  done = _shared_keys(distributed.from_process_zero(
+      lambda: _key_list(results.done_keys(FLAGS.output))))
+  plans = plan_runs(runners, examples, encoded, done)
   # Compile every program the run needs and check that it fits, before loading weights.
   limit = (int(FLAGS.device_memory_gib * programs.GIB) if FLAGS.device_memory_gib
            else programs.device_memory_bytes(mesh.devices.flat))
@@ -155,26 +208,49 @@ def _run():
   placement = next(iter(runners.values())).placement  # shared by the runners
   model.params = placement.place(loading.load_params(model, placement.shardings),
                                  donate=True)
-  with results.ResultWriter(FLAGS.output) as writer:
+  writer = None
+
+  def open_output():
+    """Process 0: takes the output (its lock), records this session, lists what is done."""
+    nonlocal writer
+    writer = results.open_writer(FLAGS.output)
     results.record_session(FLAGS.output, run_flag_values(), results.session_record(
-        run_flag_values(), model.name, sum(x.size for x in jax.tree.leaves(model.params))))
-    done = results.done_keys(FLAGS.output)
+        run_flag_values(), model.name, sum(x.size for x in jax.tree.leaves(model.params)),
+        processes=[distributed.host_of(i) for i in range(jax.process_count())]))
+    return _key_list(results.done_keys(FLAGS.output))
+
+  # Another run may have answered some since the plan was made.
+  done = _shared_keys(distributed.from_process_zero(open_output))
+  try:
     for method, runner in runners.items():
-      # Another process may have answered some since the plan was made.
       todo = [([(ex, ids) for ex, ids in batch if (ex.id, method) not in done], widths)
               for batch, widths in plans[method]]
       todo = [(batch, widths) for batch, widths in todo if batch]
       remaining = sum(len(batch) for batch, _ in todo)
-      with progress.Progress(method, len(examples), len(examples) - remaining) as bar:
+      with progress.Progress(method, len(examples), len(examples) - remaining,
+                             enabled=writes) as bar:
         for batch, widths in todo:
           t0 = time.time()
           records = runner.run_batch(batch, FLAGS.batch_size, widths)
           for record in records:
             record['model'] = model.name
-            writer.write(record)
+            if writer:
+              writer.write(record)
             bar.write(f"[{method} {record['id']}] {record['response'][:200]!r}")
           bar.add(records)
           logging.info('%s: batch of %d in %.1f s', method, len(batch), time.time() - t0)
+  finally:
+    if writer:
+      writer.close()
+
+
+def _key_list(keys):
+  """Sorted [[id, method]] of a set of (id, method) keys (JSON for from_process_zero)."""
+  return sorted([str(i), str(m)] for i, m in keys)
+
+
+def _shared_keys(key_list):
+  return {(i, m) for i, m in key_list}
 
 
 if __name__ == '__main__':

@@ -119,12 +119,6 @@ def make_mesh(spec: str | Sequence[int], devices: Sequence[Any] | None = None) -
   return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Joins the multi-host runtime (TPU VM pods) before any other JAX call, if enabled."""
-  if enabled:
-    jax.distributed.initialize()
-
-
 def _axis_names(axes: str | tuple | None) -> tuple:
   if axes is None:
     return ()

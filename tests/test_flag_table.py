@@ -14,7 +14,10 @@ OLD_SELECTION_FLAGS = {'start', 'num_examples', 'shard_index', 'num_shards', 'me
 OLD_OPERATIONAL_FLAGS = {'output', 'allow_config_change', 'compilation_cache', 'batch_size',
                          'mesh', 'distributed', 'scan_layers', 'dump_tree',
                          # issue 9: how many programs a run compiles, the memory limit
-                         'max_programs', 'device_memory_gib'}
+                         'max_programs', 'device_memory_gib',
+                         # issue 10: the multi-process job's coordinates
+                         'coordinator_address', 'num_processes', 'process_id',
+                         'peer_timeout_seconds'}
 OLD_TASK_FLAGS = {
     'adv': ('suffix_file',),
     'sentiment': ('target_sentiment',),

@@ -123,6 +123,89 @@ def _examples(indices):
   return [types.SimpleNamespace(index=i, id=f'e{i}') for i in indices]
 
 
+class CountingObject:
+  """A local file standing in for a gs:// object (etils.epath.Path's read/write/exists),
+  counting whole-object writes."""
+
+  def __init__(self, path):
+    self.path = path
+    self.writes = 0
+
+  def exists(self):
+    return self.path.exists()
+
+  def read_bytes(self):
+    return self.path.read_bytes()
+
+  def write_bytes(self, data):
+    self.writes += 1
+    self.path.write_bytes(data)
+
+
+def test_object_writer_rewrites_the_whole_object_per_record_and_drops_a_torn_tail(tmp_path):
+  target = tmp_path / 'out.jsonl'
+  _write_raw(target, [_record(1), _record(2)], tail=b'{"id": "p3", "meth')
+  storage = CountingObject(target)
+  writer = results.ObjectResultWriter('gs://bucket/out.jsonl', storage=storage)
+  assert storage.writes == 1  # the torn tail is cut at once
+  assert [r['id'] for r in results.read_records(target)] == ['p1', 'p2']
+  writer.write(_record(3))
+  writer.write(_record(4, method='rain'))
+  assert storage.writes == 3
+  assert [(r['id'], r['method']) for r in results.read_records(target)] == [
+      ('p1', 'vanilla'), ('p2', 'vanilla'), ('p3', 'vanilla'), ('p4', 'rain')]
+  assert target.read_bytes().endswith(b'}\n')
+
+
+@pytest.fixture
+def fake_gcs():
+  """gs:// served by an in-memory fsspec filesystem: etils.epath's real gs:// path (its
+  fsspec backend) runs, with memory in place of gcsfs and a bucket."""
+  fsspec = pytest.importorskip('fsspec')
+  from fsspec.implementations import memory
+
+  class FakeGCS(memory.MemoryFileSystem):
+    protocol = ('gcs', 'gs')
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):
+      del finalize_on_close  # an option of gcsfs that epath passes
+      super().__init__(*args, **kwargs)
+
+  import importlib  # pylint: disable=import-outside-toplevel
+  # The module (fsspec.registry the attribute is a read-only view of its table).
+  registered = importlib.import_module('fsspec.registry')._registry  # pylint: disable=protected-access
+  saved = {name: registered.get(name) for name in ('gcs', 'gs')}
+  for name in saved:
+    fsspec.register_implementation(name, FakeGCS, clobber=True)
+  yield FakeGCS
+  FakeGCS.store.clear()
+  for name, cls in saved.items():
+    registered.pop(name, None)
+    if cls is not None:
+      registered[name] = cls
+
+
+def test_results_and_sidecar_at_a_gs_url(fake_gcs, tmp_path):
+  assert results.is_remote('gs://bucket/run/out.jsonl')
+  assert not results.is_remote(str(tmp_path / 'out.jsonl'))
+  assert isinstance(results.open_writer(str(tmp_path / 'a.jsonl')), results.ResultWriter)
+  url = 'gs://bucket/run/out.jsonl'
+  assert results.read_records(url) == [] and results.read_config(url) is None
+  writer = results.open_writer(url)
+  assert isinstance(writer, results.ObjectResultWriter)
+  writer.write(_record(7))
+  writer.write(_record(7, method='rain'))
+  flags = {'seed': 1, 'output': url}
+  results.record_session(url, flags, {'host': 'h'})
+  assert results.done_keys(url) == {('p7', 'vanilla'), ('p7', 'rain')}
+  assert results.read_config(url)['config'] == {'seed': 1}
+  results.check_config(url, flags, allow_change=False)
+  with pytest.raises(results.ConfigMismatchError, match='seed: 1 -> 2'):
+    results.check_config(url, {'seed': 2, 'output': url}, allow_change=False)
+  assert sorted(key.rsplit('/', 1)[-1] for key in fake_gcs.store) == [
+      'out.jsonl', 'out.jsonl.config.json']
+
+
 def test_shards_split_by_dataset_index_modulo():
   chosen = _examples(range(5, 12))  # e.g. --start=5 --num_examples=7
   shards = [[ex.index for ex in results.shard_examples(chosen, i, 3)] for i in range(3)]

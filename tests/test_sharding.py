@@ -107,15 +107,6 @@ def test_make_mesh_on_the_local_device():
     sharding.make_mesh('1,1,2', jax.devices()[:1])
 
 
-def test_initialize_distributed_only_when_enabled(monkeypatch):
-  calls = []
-  monkeypatch.setattr(jax.distributed, 'initialize', lambda: calls.append('initialize'))
-  sharding.initialize_distributed(False)
-  assert calls == []
-  sharding.initialize_distributed(True)
-  assert calls == ['initialize']
-
-
 # ---------------------------------------------------------------- parameter rules
 
 
