@@ -7,7 +7,7 @@ test, and every mismatch found here ends the process with a message (status 1).
   python -m tests.convert_e2e mesh HF_DIR WORK EXPECTED.npz [GGUF]
       converts HF_DIR through scripts/convert_checkpoint.py's function with
       --mesh=1,4,2 and without a mesh (and GGUF, the same weights, with --mesh=1,4,2),
-      and restores every checkpoint into both layouts on the mesh 2,2,2 and on one
+      and restores the checkpoints into both layouts on the mesh 2,2,2 and on one
       device.
   python -m tests.convert_e2e multiprocess HF_DIR WORK EXPECTED.npz SCAN CONVERT_MESH RESTORE_MESH
       runs scripts/convert_checkpoint.py as 2 processes x 4 devices on localhost
@@ -73,16 +73,18 @@ def run_mesh(hf_dir, work, expected, gguf_path=None):
   """The tensors on disk do not depend on --scan_layers (it is only recorded), so one
   layout converts, with and without a mesh, and restores into both."""
   report = {'restored': 0}
-  sources = [(hf_dir, None, mesh) for mesh in ('1,4,2', None)]
+  # (hf_dir, gguf, conversion mesh, [(restore layout, restore mesh)]): every pair of
+  # layouts and placements is covered once across the three.
+  runs = [(hf_dir, None, '1,4,2', [(True, '2,2,2'), (False, None)]),
+          (hf_dir, None, None, [(False, '2,2,2'), (True, None)])]
   if gguf_path:
-    sources.append((None, gguf_path, '1,4,2'))
-  for i, (hf, gguf, mesh) in enumerate(sources):
+    runs.append((None, gguf_path, '1,4,2', [(False, '2,2,2')]))
+  for i, (hf, gguf, mesh, restores) in enumerate(runs):
     checkpoint = os.path.join(work, f'ckpt{i}')
     convert_checkpoint.convert_checkpoint(hf, gguf, checkpoint, 'float32', True, mesh)
-    for target_scan in (True, False):
-      for restore_mesh in ('2,2,2', None):
-        restore_and_compare(checkpoint, expected, target_scan, restore_mesh)
-        report['restored'] += 1
+    for target_scan, restore_mesh in restores:
+      restore_and_compare(checkpoint, expected, target_scan, restore_mesh)
+      report['restored'] += 1
   return report
 
 
