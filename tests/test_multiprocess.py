@@ -3,11 +3,11 @@
 Each process has one CPU device and the job a 1,2,1 mesh over both (the parameters and
 the batch rows split between the processes, gloo collectives). Checked against a single
 process holding two devices in the same mesh:
-  - the answers (vanilla and RAIN) are the same, and process 0 alone writes them into the
-    one shared --output (each (id, method) once; the sidecar names both processes);
   - kill -9 of process 1 mid-run ends process 0 within 30 s with one line naming the
-    process and its host; relaunching both answers every remaining prompt, and every
-    prompt ends up answered exactly once;
+    process and its host; relaunching both answers every remaining prompt; in the end
+    every prompt is answered exactly once (vanilla and RAIN), with the single process's
+    answers, in the one --output both were given, which process 0 alone wrote (the
+    sidecar names both processes of each session);
   - a decision of process 0 (here: refusing an output made with other settings) is the
     decision of both.
 """
@@ -115,25 +115,12 @@ def single_process_answers(job):
   return answers(records(output))
 
 
-def test_two_processes_answer_as_one_and_process_zero_writes(job, single_process_answers):
+def test_kill_one_process_then_resume_answers_as_one_process_exactly_once(
+    job, single_process_answers):
+  """Both processes are given the same --output; process 0 alone writes it."""
   root, start = job
-  output = root / 'shared' / 'two.jsonl'  # one output for both: process 0 writes it
-  results = finish(start(output, 2))
-  for code, err in results:
-    assert code == 0, err[-3000:]
-  rows = records(output)
-  keys = [(r['id'], r['method']) for r in rows]
-  assert len(keys) == len(set(keys)) == 2 * len(PROMPTS)
-  assert answers(rows) == single_process_answers
-  sidecar = json.loads((root / 'shared' / 'two.jsonl.config.json').read_text())
-  [session] = sidecar['sessions']
-  assert len(session['processes']) == 2
-  assert sorted(os.listdir(root / 'shared')) == ['two.jsonl', 'two.jsonl.config.json']
-
-
-def test_kill_one_process_then_resume_answers_each_prompt_once(job, single_process_answers):
-  root, start = job
-  output = root / 'resume.jsonl'
+  folder = root / 'shared'
+  output = folder / 'two.jsonl'
   procs = start(output, 2)
   deadline = time.time() + 600
   while not (output.exists() and output.read_text().count('\n') >= 1):
@@ -154,9 +141,11 @@ def test_kill_one_process_then_resume_answers_each_prompt_once(job, single_proce
     assert code == 0, err[-3000:]
   rows = records(output)
   keys = [(r['id'], r['method']) for r in rows]
-  assert sorted(keys) == sorted(set(keys)) and len(keys) == 2 * len(PROMPTS)
+  assert len(keys) == len(set(keys)) == 2 * len(PROMPTS)
   assert answers(rows) == single_process_answers
-  assert len(json.loads((root / 'resume.jsonl.config.json').read_text())['sessions']) == 2
+  sessions = json.loads((folder / 'two.jsonl.config.json').read_text())['sessions']
+  assert len(sessions) == 2 and all(len(s['processes']) == 2 for s in sessions)
+  assert sorted(os.listdir(folder)) == ['two.jsonl', 'two.jsonl.config.json']
 
 
 def test_process_zeros_decision_is_everyones(job, single_process_answers):
