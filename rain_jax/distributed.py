@@ -175,6 +175,11 @@ def fail(message: str) -> None:
                               allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass
+    else:
+      if me == 0:
+        # Process 0 hosts the coordination service: give the peers' watchdogs time to
+        # read the failure (and print it) before its exit takes the service down.
+        time.sleep(2.5 * HEARTBEAT_SECONDS)
   _end(message)
 
 
@@ -268,6 +273,17 @@ def from_process_zero(decide, timeout_seconds: float = 3600.0):
   if 'error' in reply:
     raise DistributedError(reply['error'])
   return reply['value']
+
+
+def barrier(name: str, timeout_seconds: float = 3600.0) -> None:
+  """Waits until every process reaches the barrier `name` (no-op in one process).
+
+  Use it before the first collective after work whose length differs between processes
+  (compiling, where one process may hit the compilation cache and another not): the CPU
+  collectives give up after 30 s waiting for a peer to join, the coordination service's
+  barrier waits `timeout_seconds`."""
+  if jax.process_count() > 1:
+    _client().wait_at_barrier(f'{KEY_PREFIX}/{name}', int(timeout_seconds * 1000))
 
 
 def _exit_without_finish() -> None:

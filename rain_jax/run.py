@@ -205,6 +205,9 @@ def _run():
       problem = programs.fit_error(program, limit)
       if problem:
         raise InputError(problem)
+  # Compiling takes unequal times (one process may find a program in the cache): meet
+  # before the first collective (placing the weights) so that none waits on another.
+  distributed.barrier('compiled')
   placement = next(iter(runners.values())).placement  # shared by the runners
   model.params = placement.place(loading.load_params(model, placement.shardings),
                                  donate=True)
