@@ -1,8 +1,9 @@
 """Weights into our parameter layout (docs/engine.md §1): GGUF, HF safetensors, orbax.
 
 Every loader streams: each process reads from disk only the part of one tensor that its
-own devices hold (safetensors: byte ranges of the rows it needs; GGUF: one whole
-tensor), converts it on the host (transpose, q/k un-permute, dtype cast) and puts it
+own devices hold (safetensors: byte ranges of the rows it needs, whole rows, cut to its
+columns as they arrive, so a tensor split only by columns is read whole, a block of rows
+at a time; GGUF: one whole tensor), converts it on the host (transpose, q/k un-permute, dtype cast) and puts it
 straight into a global jax.Array with its target sharding, so host memory peaks at a few
 copies of one tensor's local shard, never the whole model. In the stacked
 (`scan_layers=True`) layout each [L, ...] leaf is preallocated on the devices, sharded,
