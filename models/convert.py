@@ -27,6 +27,7 @@ does not consider finalised. Paths go through `etils.epath`, so gs:// works wher
 orbax and epath reach it (gcsfs).
 """
 import functools
+import importlib.util
 import json
 import os
 import secrets
@@ -98,9 +99,23 @@ def _to_our_layout(array, path, dtype):
 # Paths.
 
 
+def _gcs_backend_available():
+  """Whether etils.epath can reach gs:// here: through gcsfs, or TensorFlow's gfile."""
+  return any(importlib.util.find_spec(name) is not None for name in ("gcsfs", "tensorflow"))
+
+
 def as_path(path):
-  """`path` (str, os.PathLike or epath.Path; local or gs://...) as an epath.Path."""
-  return path if isinstance(path, epath.Path) else epath.Path(os.fspath(path))
+  """`path` (str, os.PathLike or epath.Path; local or gs://...) as an epath.Path.
+
+  Raises ValueError for a gs:// path when nothing here can reach Cloud Storage.
+  """
+  if isinstance(path, epath.Path):
+    return path
+  text = os.fspath(path)
+  if text.startswith("gs://") and not _gcs_backend_available():
+    raise ValueError(f"{text}: gs:// paths need the gcsfs package (pip install gcsfs, or "
+                     f"the [tpu] extra)")
+  return epath.Path(text)
 
 
 def is_remote(path):

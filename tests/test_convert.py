@@ -477,3 +477,12 @@ def test_object_store_save_is_in_place_and_marked_complete_by_config_last(tmp_pa
   restored = convert.restore_params(tmp_path / "bucket" / "good")
   for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_gs_paths_without_a_gcs_backend_are_one_line_errors(tmp_path, monkeypatch):
+  real = convert.importlib.util.find_spec
+  monkeypatch.setattr(convert.importlib.util, "find_spec",
+                      lambda name: None if name in ("gcsfs", "tensorflow") else real(name))
+  with pytest.raises(ValueError, match=r"gs://bucket/ckpt: gs:// paths need the gcsfs package"):
+    convert.load_config("gs://bucket/ckpt")
+  assert str(convert.as_path(tmp_path)) == str(tmp_path)
