@@ -80,6 +80,10 @@ TABLE = (
     Flag('max_programs', 'integer', 3, 'Compile at most this many programs (padded '
          'prompt widths) in a run; with --method=both vanilla gets one, RAIN the rest. '
          'Each batch pads to the nearest width that holds it.', role=OPERATIONAL),
+    Flag('continuous_batching', 'bool', False, 'RAIN: a row whose prompt is answered '
+         'takes the next prompt while the other rows keep searching (same answers; '
+         'rain_jax/engine.py run_stream), instead of each batch waiting for its slowest '
+         'prompt.', role=OPERATIONAL),
     Flag('device_memory_gib', 'float', None, 'Memory of one device to check the compiled '
          'programs against before the weights load (default: what the runtime reports; '
          'the CPU reports none).', role=OPERATIONAL),

@@ -98,14 +98,38 @@ def make_runners(model, mesh, task, flag_values=FLAGS):
                              dump_tree=flag_values.dump_tree)
 
 
+def streams(method, flag_values=FLAGS):
+  """True when `method`'s prompts run as continuous-batching streams."""
+  return method == 'rain' and flag_values.continuous_batching
+
+
 def plan_runs(runners, examples, encoded, done, flag_values=FLAGS):
-  """{method: [(batch, widths)]} for the (example, method) pairs not in `done`, within
-  the run's --max_programs (engine.program_budget, engine.plan_batches)."""
+  """{method: [(examples, widths)]} for the (example, method) pairs not in `done`, within
+  the run's --max_programs (engine.program_budget): batches (engine.plan_batches), or
+  for RAIN with --continuous_batching one stream per width (engine.plan_streams)."""
   from rain_jax import engine
   budget = engine.program_budget(runners, flag_values.max_programs)
-  return {method: engine.plan_batches(
-      runner, [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done],
-      flag_values.batch_size, budget[method]) for method, runner in runners.items()}
+  plans = {}
+  for method, runner in runners.items():
+    todo = [(ex, ids) for ex, ids in zip(examples, encoded) if (ex.id, method) not in done]
+    plan = engine.plan_streams if streams(method, flag_values) else engine.plan_batches
+    plans[method] = plan(runner, todo, flag_values.batch_size, budget[method])
+  return plans
+
+
+def method_programs(runner, method, widths, flag_values=FLAGS):
+  """The compiled programs `method` runs its prompts of `widths` with."""
+  if streams(method, flag_values):
+    return runner.stream_programs(flag_values.batch_size, *widths).all()
+  return (runner.program(flag_values.batch_size, *widths),)
+
+
+def answer(runner, method, items, widths, flag_values=FLAGS):
+  """The records of `items` ((Example, prompt ids) fitting `widths`), as each is ready."""
+  if streams(method, flag_values):
+    yield from runner.run_stream(items, flag_values.batch_size, widths)
+  else:
+    yield from runner.run_batch(items, flag_values.batch_size, widths)
 
 
 def main(argv):
@@ -199,12 +223,12 @@ def _run():
            else programs.device_memory_bytes(mesh.devices.flat))
   for method, plan in plans.items():
     for widths in dict.fromkeys(w for _, w in plan):
-      program = runners[method].program(FLAGS.batch_size, *widths)
-      logging.info('%s compiled in %.1f s: %s', program.describe(), program.compile_seconds,
-                   program.memory.as_gib())
-      problem = programs.fit_error(program, limit)
-      if problem:
-        raise InputError(problem)
+      for program in method_programs(runners[method], method, widths):
+        logging.info('%s compiled in %.1f s: %s', program.describe(),
+                     program.compile_seconds, program.memory.as_gib())
+        problem = programs.fit_error(program, limit)
+        if problem:
+          raise InputError(problem)
   # Compiling takes unequal times (one process may find a program in the cache): meet
   # before the first collective (placing the weights) so that none waits on another.
   distributed.barrier('compiled')
@@ -234,14 +258,13 @@ def _run():
                              enabled=writes) as bar:
         for batch, widths in todo:
           t0 = time.time()
-          records = runner.run_batch(batch, FLAGS.batch_size, widths)
-          for record in records:
+          for record in answer(runner, method, batch, widths):
             record['model'] = model.name
             if writer:
               writer.write(record)
             bar.write(f"[{method} {record['id']}] {record['response'][:200]!r}")
-          bar.add(records)
-          logging.info('%s: batch of %d in %.1f s', method, len(batch), time.time() - t0)
+            bar.add([record])
+          logging.info('%s: %d prompts in %.1f s', method, len(batch), time.time() - t0)
   finally:
     if writer:
       writer.close()

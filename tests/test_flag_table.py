@@ -17,7 +17,9 @@ OLD_OPERATIONAL_FLAGS = {'output', 'allow_config_change', 'compilation_cache', '
                          'max_programs', 'device_memory_gib',
                          # issue 10: the multi-process job's coordinates
                          'coordinator_address', 'num_processes', 'process_id',
-                         'peer_timeout_seconds'}
+                         'peer_timeout_seconds',
+                         # issue 10: continuous batching of RAIN prompts
+                         'continuous_batching'}
 OLD_TASK_FLAGS = {
     'adv': ('suffix_file',),
     'sentiment': ('target_sentiment',),
