@@ -248,7 +248,8 @@ def resolve_model(name, hf_dir=None, checkpoint=None):
         f"model {name!r} has no downloadable weights: pass --hf_dir (an HF directory with "
         f"config.json and *.safetensors) or --checkpoint (an orbax directory made by "
         f"scripts/convert_checkpoint.py)")
-  if weights_format != "gguf" and not os.path.isdir(weights_path):
+  # A URL (gs://...) is checked when it is read (models/convert.py, through etils.epath).
+  if weights_format != "gguf" and "://" not in weights_path and not os.path.isdir(weights_path):
     raise ValueError(f"{weights_format} weights directory {weights_path} does not exist")
   if entry.tokenizer_kind == "gguf":
     tokenizer_path = smollm2_gguf_path()

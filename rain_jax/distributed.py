@@ -170,6 +170,9 @@ def fail(message: str) -> None:
   """
   if jax.process_count() > 1:
     me = jax.process_index()
+    watchdog = _state['watchdog']
+    if watchdog is not None:  # this process's own error is the line it prints
+      watchdog.stop()
     try:
       _client().key_value_set(f'{KEY_PREFIX}/failed/{me}', message.splitlines()[0][:500],
                               allow_overwrite=True)
@@ -218,6 +221,8 @@ class Watchdog(threading.Thread):
           return
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         _end(f'lost the coordinator (process 0 on {self._known_host(0)}): {first[:200]}')
+        return
+      if self.stopped.is_set():  # this process is finishing or failing on its own
         return
       for peer, message in failed.items():
         if peer != self.me:

@@ -6,8 +6,9 @@ process holding two devices in the same mesh:
   - kill -9 of process 1 mid-run ends process 0 within 30 s with one line naming the
     process and its host; relaunching both answers every remaining prompt; in the end
     every prompt is answered exactly once (vanilla and RAIN), with the single process's
-    answers, in the one --output both were given, which process 0 alone wrote (the
-    sidecar names both processes of each session);
+    answers (which it made in batches, the job with --continuous_batching), in the one
+    --output both were given, which process 0 alone wrote (the sidecar names both
+    processes of each session);
   - a decision of process 0 (here: refusing an output made with other settings) is the
     decision of both.
 """
@@ -121,7 +122,9 @@ def test_kill_one_process_then_resume_answers_as_one_process_exactly_once(
   root, start = job
   folder = root / 'shared'
   output = folder / 'two.jsonl'
-  procs = start(output, 2)
+  # The 2-process job streams its RAIN prompts (continuous batching), the single process
+  # runs them in batches: the answers are the same.
+  procs = start(output, 2, ['--continuous_batching'])
   deadline = time.time() + 600
   while not (output.exists() and output.read_text().count('\n') >= 1):
     assert time.time() < deadline, 'no record within 600 s'
@@ -137,7 +140,7 @@ def test_kill_one_process_then_resume_answers_as_one_process_exactly_once(
   [line] = error_lines(err)
   assert 'process 1 (host ' in line, line
   assert written < 2 * len(PROMPTS), 'the run finished before the kill; nothing resumed'
-  for code, err in finish(start(output, 2)):
+  for code, err in finish(start(output, 2, ['--continuous_batching'])):
     assert code == 0, err[-3000:]
   rows = records(output)
   keys = [(r['id'], r['method']) for r in rows]
