@@ -43,7 +43,7 @@ CFG = RainConfig(max_T=4, min_T=2, max_new_tokens=8, num_nodes=128, max_depth=3,
 TIMING = ('seconds', 'batch_seconds', 'batch_size', 'compile_seconds')
 
 
-def make_runner(folder, mesh=None):
+def make_runner(folder, mesh=None, cfg=CFG):
   """The RainRunner of these tests (custom task files written under `folder`, a
   pathlib.Path), parameters placed on `mesh` when given."""
   prompt_file = folder / 'prompts.jsonl'
@@ -61,7 +61,7 @@ def make_runner(folder, mesh=None):
         llama.param_shapes(MODEL), mesh, head_dim=MODEL.head_dim))
   model = types.SimpleNamespace(name='tiny', config=MODEL, params=params,
                                 tokenizer=load_tokenizer(LLAMA_TOKENIZER))
-  return engine.RainRunner(model, mesh, task, CFG, dump_tree=True)
+  return engine.RainRunner(model, mesh, task, cfg, dump_tree=True)
 
 
 @pytest.fixture(scope='module')
@@ -173,6 +173,21 @@ def test_plan_streams_groups_the_planned_batches_by_widths(runner, items):
   for items_of, widths in streams:
     assert items_of == [item for batch, w in planned if w == widths for item in batch]
   assert sorted(id(x) for s, _ in streams for x in s) == sorted(id(x) for x in todo)
+
+
+@pytest.mark.slow
+def test_stream_with_parallel_leaves_gives_the_batch_of_one_records(tmp_path):
+  """P = 2 leaves per tree: a refill writes a tree's two rows (rows 2t and 2t + 1)."""
+  leaves = make_runner(tmp_path, cfg=dataclasses.replace(CFG, parallel_leaves=2))
+  examples = leaves.task.load_examples(0, -1)
+  items = list(zip(examples, leaves.encode(examples)))
+  widths = leaves.widths(items)
+  alone = {ex.id: leaves.run_batch([(ex, ids)], 1, widths)[0] for ex, ids in items}
+  calls = counting_refills(leaves, 2, widths)
+  records = list(leaves.run_stream(items, 2, widths))
+  assert len(calls) == len(items) - 2 and len(records) == len(items)
+  for record in records:
+    assert_same_record(record, alone[record['id']])
 
 
 # ------------------------------------------------------------- a mesh of 4 CPU devices
