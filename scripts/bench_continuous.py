@@ -69,6 +69,25 @@ def logged_passes(paths):
   return passes
 
 
+def lockstep_ticks(sims, batch_size):
+  """Ticks `run_batch` runs over consecutive batches: an example of s simulations takes
+  s + 1 ticks (its last tick only commits), a batch those of its longest."""
+  return sum(max(sims[i:i + batch_size]) + 1 for i in range(0, len(sims), batch_size))
+
+
+def stream_schedule(sims, batch_size):
+  """(ticks, finish order) of `run_stream` on batch_size rows: each row takes the next
+  example when its own is done (rows done at the same tick in row order), an example of
+  s simulations holding its row s + 1 ticks. Every row runs the whole batch's model calls
+  each tick, so ticks x rows is the model work, in both schedules."""
+  free_at, order, finish = [0] * batch_size, [], []
+  for i, s in enumerate(sims):
+    row = i if i < batch_size else min(range(batch_size), key=lambda r: (free_at[r], r))
+    free_at[row] += s + 1
+    finish.append((free_at[row], row, i))
+  return max(free_at), [i for _, _, i in sorted(finish)]
+
+
 def compare(passes):
   """The cross-pass part of the report: answers against batch 1, stream over batch."""
   report = {}
@@ -83,6 +102,15 @@ def compare(passes):
                                             == passes['batch']['answers'])
     report['stream_over_batch_prompts_per_hour'] = round(
         passes['stream']['prompts_per_hour'] / passes['batch']['prompts_per_hour'], 3)
+    ids = passes['batch']['finish_order']  # run_batch keeps the input order
+    sims = [passes['batch']['answers'][i]['search']['simulations'] for i in ids]
+    batch_size = passes['batch']['batch_size']
+    ticks, order = stream_schedule(sims, batch_size)
+    report['ticks'] = {'batch': lockstep_ticks(sims, batch_size), 'stream': ticks,
+                       'simulations': sum(sims),
+                       'stream_finish_order_as_scheduled': (
+                           [ids[i] for i in order] == passes['stream']['finish_order'])}
+    report['ticks']['batch_over_stream'] = round(report['ticks']['batch'] / ticks, 3)
   return report
 
 
@@ -115,7 +143,7 @@ def timed_pass(name, runner, items, batch_size, widths, log):
   seconds = time.time() - t0
   sims = [r['search']['simulations'] for r in records]
   return {r['id']: r for r in records}, {
-      'seconds': round(seconds, 2),
+      'batch_size': batch_size, 'seconds': round(seconds, 2),
       'prompts_per_hour': round(len(items) / seconds * 3600, 1),
       'mean_record_seconds': round(sum(r['seconds'] for r in records) / len(records), 2),
       'simulations': {'total': sum(sims), 'min': min(sims), 'max': max(sims)},
