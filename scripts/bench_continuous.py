@@ -88,8 +88,9 @@ def stream_schedule(sims, batch_size):
   return max(free_at), [i for _, _, i in sorted(finish)]
 
 
-def compare(passes):
-  """The cross-pass part of the report: answers against batch 1, stream over batch."""
+def compare(passes, batch_size):
+  """The cross-pass part of the report: answers against batch 1, stream over batch, and
+  the ticks of both schedules on batch_size rows."""
   report = {}
   if 'single' in passes:
     reference = passes['single']['answers']
@@ -104,7 +105,6 @@ def compare(passes):
         passes['stream']['prompts_per_hour'] / passes['batch']['prompts_per_hour'], 3)
     ids = passes['batch']['finish_order']  # run_batch keeps the input order
     sims = [passes['batch']['answers'][i]['search']['simulations'] for i in ids]
-    batch_size = passes['batch']['batch_size']
     ticks, order = stream_schedule(sims, batch_size)
     report['ticks'] = {'batch': lockstep_ticks(sims, batch_size), 'stream': ticks,
                        'simulations': sum(sims),
@@ -158,7 +158,7 @@ def main(argv=None):
     passes = logged_passes(args.from_logs)
     print(json.dumps({'passes': {name: {k: v for k, v in logged.items() if k != 'answers'}
                                  for name, logged in passes.items()},
-                      'comparison': compare(passes)}, indent=1))
+                      'comparison': compare(passes, args.batch_size)}, indent=1))
     return
   log = lambda message: print(message, file=sys.stderr, flush=True)
   jax.config.update('jax_compilation_cache_dir', os.path.join(registry.cache_dir(), 'xla'))
@@ -195,7 +195,8 @@ def main(argv=None):
                  1 if name == 'single' else args.batch_size, *widths).compile_seconds, 1))
       for name in results}
   report['comparison'] = compare({name: {**report['passes'][name], 'answers': {
-      i: answer_key(r) for i, r in results[name].items()}} for name in results})
+      i: answer_key(r) for i, r in results[name].items()}} for name in results},
+                                 args.batch_size)
   print(json.dumps(report, indent=1))
 
 
