@@ -251,6 +251,13 @@ def verified_suggestion(report, config, mesh, program, chips, limit, compile_at,
                  limit)
 
 
+class _Flags:
+  """Flag values as attributes (a copy of the run's flags with some replaced)."""
+
+  def __init__(self, values):
+    self.__dict__.update(values)
+
+
 def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):
   """One dict per program of the run the flags describe, on `devices` (arrays of at
   least `min_array_bytes` per device listed)."""
@@ -269,47 +276,53 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
     for _, widths in plans[method]:
       counts[widths] = counts.get(widths, 0) + 1
     for widths, num_batches in counts.items():
-      program = runner.program(flag_values.batch_size, *widths)
-      report = array_report(runner, program, mesh, min_array_bytes)
-      report['peak_bytes'] = (program.memory.peak if program.compiled is not None else
-                              report['params_bytes'] + program.memory.temporaries)
-      kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
-      row = {
-          'program': method, 'model': model.name, 'task': task.name,
-          'topology': topology.name, 'mesh': mesh_spec(mesh),
-          'batch_size': program.batch_size, 'prompt_width': program.prompt_width,
-          'judge_width': program.judge_width, 'batches': num_batches,
-          'scan_layers': model.config.scan_layers, 'dtype': model.config.dtype,
-          'compile_s': round(program.compile_seconds, 1),
-          'trace_s': round(program.trace_seconds, 1),
-          **{k[:-6] + '_gib': round(v / GIB, 3) for k, v in report.items()
-             if k.endswith('_bytes') and k != 'peak_bytes'},
-          **{'xla_' + k: v for k, v in program.memory.as_gib().items()},
-          'kv_gib': round(kv / GIB, 3),
-          'device_memory_gib': round(limit / GIB, 2) if limit else None,
-          'fits': (False if program.out_of_memory else
-                   None if limit is None else program.memory.peak <= limit),
-          'out_of_memory': program.out_of_memory or None,
-      }
-      row['temporaries_over_kv'] = round(program.memory.temporaries / kv, 2) if kv else None
-      if program.compiled is not None and program.memory.temporaries < kv:
-        # The caches live inside the program, so XLA holds them in fewer bytes than the
-        # sharding asked for (seen when the KV heads do not divide by 'tensor': the
-        # requested layout replicates heads, XLA's propagation splits something else).
-        row['note'] = ('XLA holds the caches in fewer bytes per device than the requested '
-                       'sharding; the cache rows above are the request, not what runs')
-      if row['fits'] is False:
+      # One program per batch shape; a continuous-batching stream has three.
+      for program in run.method_programs(runner, method, widths, flag_values):
+        report = array_report(runner, program, mesh, min_array_bytes)
+        report['peak_bytes'] = (program.memory.peak if program.compiled is not None else
+                                report['params_bytes'] + program.memory.temporaries)
+        kv = report['policy_cache_bytes'] + report['judge_cache_bytes']
+        row = {
+            'program': program.method, 'model': model.name, 'task': task.name,
+            'topology': topology.name, 'mesh': mesh_spec(mesh),
+            'batch_size': program.batch_size, 'prompt_width': program.prompt_width,
+            'judge_width': program.judge_width, 'batches': num_batches,
+            'scan_layers': model.config.scan_layers, 'dtype': model.config.dtype,
+            'compile_s': round(program.compile_seconds, 1),
+            'trace_s': round(program.trace_seconds, 1),
+            **{k[:-6] + '_gib': round(v / GIB, 3) for k, v in report.items()
+               if k.endswith('_bytes') and k != 'peak_bytes'},
+            **{'xla_' + k: v for k, v in program.memory.as_gib().items()},
+            'kv_gib': round(kv / GIB, 3),
+            'device_memory_gib': round(limit / GIB, 2) if limit else None,
+            'fits': (False if program.out_of_memory else
+                     None if limit is None else program.memory.peak <= limit),
+            'out_of_memory': program.out_of_memory or None,
+        }
+        row['temporaries_over_kv'] = (round(program.memory.temporaries / kv, 2) if kv
+                                      else None)
+        if program.compiled is not None and program.memory.temporaries < kv:
+          # The caches live inside the program, so XLA holds them in fewer bytes than the
+          # sharding asked for (seen when the KV heads do not divide by 'tensor': the
+          # requested layout replicates heads, XLA's propagation splits something else).
+          row['note'] = ('XLA holds the caches in fewer bytes per device than the '
+                         'requested sharding; the cache rows above are the request, not '
+                         'what runs')
+        if row['fits'] is False:
 
-        def compile_at(spec, batch, method=method, widths=widths):
-          other_mesh = sharding.make_mesh(spec, devices=devices)
-          other = run.make_runners(model, other_mesh, task, flag_values)[method]
-          return other.program(batch, *widths)
+          def compile_at(spec, batch, method=method, widths=widths, name=program.method):
+            other_mesh = sharding.make_mesh(spec, devices=devices)
+            other = run.make_runners(model, other_mesh, task, flag_values)[method]
+            options = flag_values.flag_values_dict()
+            options['batch_size'] = batch
+            candidates = run.method_programs(other, method, widths, _Flags(options))
+            return next(p for p in candidates if p.method == name)
 
-        row['suggestion'] = verified_suggestion(report, model.config, mesh, program,
-                                                topology.chips, limit, compile_at,
-                                                flag_values.verify_suggestions)
-      row['arrays'] = report['arrays']
-      rows.append(row)
+          row['suggestion'] = verified_suggestion(report, model.config, mesh, program,
+                                                  topology.chips, limit, compile_at,
+                                                  flag_values.verify_suggestions)
+        row['arrays'] = report['arrays']
+        rows.append(row)
   return rows
 
 
