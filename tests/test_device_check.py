@@ -9,12 +9,18 @@ import json
 import os
 import subprocess
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ('env', 'decode_unrolled', 'decode_scan', 'rain_leaves1', 'rain_leaves4')
 STEP_KEYS = {'step', 'command', 'ok', 'exit_code', 'timed_out', 'limit_s', 'wall_s',
              'error', 'rows_logged', 'report'}
 
 
+# Slow (40 s alone, more under load): it made room in the default suite for the
+# 2-process tests of issue 10. Run it with `python -m pytest -m slow
+# tests/test_device_check.py` before a session that has a device.
+@pytest.mark.slow
 def test_cpu_dry_run_writes_every_json_file(tmp_path):
   out = tmp_path / 'out'
   env = dict(os.environ, OUT=str(out))
