@@ -251,13 +251,6 @@ def verified_suggestion(report, config, mesh, program, chips, limit, compile_at,
                  limit)
 
 
-class _Flags:
-  """Flag values as attributes (a copy of the run's flags with some replaced)."""
-
-  def __init__(self, values):
-    self.__dict__.update(values)
-
-
 def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20):
   """One dict per program of the run the flags describe, on `devices` (arrays of at
   least `min_array_bytes` per device listed)."""
@@ -277,7 +270,8 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
       counts[widths] = counts.get(widths, 0) + 1
     for widths, num_batches in counts.items():
       # One program per batch shape; a continuous-batching stream has three.
-      for program in run.method_programs(runner, method, widths, flag_values):
+      for program in run.method_programs(runner, method, flag_values.batch_size, widths,
+                                         flag_values):
         report = array_report(runner, program, mesh, min_array_bytes)
         report['peak_bytes'] = (program.memory.peak if program.compiled is not None else
                                 report['params_bytes'] + program.memory.temporaries)
@@ -313,9 +307,7 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
           def compile_at(spec, batch, method=method, widths=widths, name=program.method):
             other_mesh = sharding.make_mesh(spec, devices=devices)
             other = run.make_runners(model, other_mesh, task, flag_values)[method]
-            options = flag_values.flag_values_dict()
-            options['batch_size'] = batch
-            candidates = run.method_programs(other, method, widths, _Flags(options))
+            candidates = run.method_programs(other, method, batch, widths, flag_values)
             return next(p for p in candidates if p.method == name)
 
           row['suggestion'] = verified_suggestion(report, model.config, mesh, program,

@@ -117,11 +117,11 @@ def plan_runs(runners, examples, encoded, done, flag_values=FLAGS):
   return plans
 
 
-def method_programs(runner, method, widths, flag_values=FLAGS):
-  """The compiled programs `method` runs its prompts of `widths` with."""
+def method_programs(runner, method, batch_size, widths, flag_values=FLAGS):
+  """The compiled programs `method` runs its prompts of `widths` with, batch_size rows."""
   if streams(method, flag_values):
-    return runner.stream_programs(flag_values.batch_size, *widths).all()
-  return (runner.program(flag_values.batch_size, *widths),)
+    return runner.stream_programs(batch_size, *widths).all()
+  return (runner.program(batch_size, *widths),)
 
 
 def answer(runner, method, items, widths, flag_values=FLAGS):
@@ -223,7 +223,7 @@ def _run():
            else programs.device_memory_bytes(mesh.devices.flat))
   for method, plan in plans.items():
     for widths in dict.fromkeys(w for _, w in plan):
-      for program in method_programs(runners[method], method, widths):
+      for program in method_programs(runners[method], method, FLAGS.batch_size, widths):
         logging.info('%s compiled in %.1f s: %s', program.describe(),
                      program.compile_seconds, program.memory.as_gib())
         problem = programs.fit_error(program, limit)

@@ -149,18 +149,23 @@ def test_corrupt_hf_inputs_raise_naming_the_problem(tiny_hf_checkpoint):
     convert.params_from_hf_dir(hf_dir, convert.config_from_hf(hf_config))
 
 
+def _save_interrupted_before_config(params, target, config, monkeypatch):
+  """save_params interrupted (KeyboardInterrupt) when it comes to write config.json."""
+  def interrupted(self):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(type(config), "to_json", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_params(params, target, config)
+  monkeypatch.undo()
+
+
 def test_interrupted_save_leaves_nothing_complete(tiny_hf_checkpoint, tmp_path, monkeypatch):
   hf_dir, _ = tiny_hf_checkpoint()
   config, params = convert.load_hf_dir(hf_dir)
   target = tmp_path / "out" / "ckpt"
 
-  def fail_config_write(self):
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(type(config), "to_json", fail_config_write)
-  with pytest.raises(KeyboardInterrupt):
-    convert.save_params(params, target, config)
-  monkeypatch.undo()
+  _save_interrupted_before_config(params, target, config, monkeypatch)
   assert os.listdir(tmp_path / "out") == []
   with pytest.raises(ValueError, match="not a complete rain_jax checkpoint"):
     convert.restore_params(target)
@@ -456,13 +461,7 @@ def test_object_store_save_is_in_place_and_marked_complete_by_config_last(tmp_pa
   params = llama.init_params(config, jax.random.PRNGKey(1))
   target = tmp_path / "bucket" / "ckpt"
 
-  def interrupted(self):
-    raise KeyboardInterrupt
-
-  monkeypatch.setattr(type(config), "to_json", interrupted)
-  with pytest.raises(KeyboardInterrupt):
-    convert.save_params(params, target, config)
-  monkeypatch.undo()
+  _save_interrupted_before_config(params, target, config, monkeypatch)
   monkeypatch.setattr(convert, "is_remote", lambda path: True)
   # Written in place: every tensor is there, but without config.json it is not complete.
   assert os.listdir(tmp_path / "bucket") == ["ckpt"]

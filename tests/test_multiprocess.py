@@ -13,8 +13,8 @@ process holding two devices in the same mesh:
     decision of both.
 """
 import json
-import re
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,14 +23,11 @@ import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA_TOKENIZER = os.path.join(REPO, 'rain_jax', 'data', 'tokenizers', 'llama',
-                               'tokenizer.model')
+from tests.test_cli_rain import JUDGE_PROMPTS, LLAMA_TOKENIZER, REPO
+
 PROMPTS = [{'id': f'p{i}', 'prompt': text} for i, text in enumerate([
     'How do I bake bread?', 'Why is the sky blue?', 'Name a fast animal.',
     'Tell me about rivers and the sea.'])]
-JUDGE_PROMPTS = {'f2.txt': 'Rate the answer.', 'r1.txt': 'Is it (A) harmless or (B) harmful?',
-                 'r2.txt': 'Is it (A) harmful or (B) harmless?'}
 # Fields that measure time rather than answer (they differ run to run).
 TIMING_FIELDS = {'seconds', 'compile_seconds', 'batch_seconds'}
 PEER_TIMEOUT = 5
