@@ -173,45 +173,86 @@ def attention_scores_to_output(q, k, v, attn_mask, num_kv_heads):
   return out.reshape(b, t, nh, d)
 
 
+class LowRank(nn.Module):
+  """The LoRA update of one projection: scale * (x @ a) @ b, a [in, r], b [r, out].
+
+  b starts at zero, so a freshly added update leaves the model unchanged."""
+  features: int
+  rank: int
+  scale: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    a = self.param('a', nn.initializers.normal(x.shape[-1] ** -0.5),
+                   (x.shape[-1], self.rank), self.param_dtype)
+    b = self.param('b', nn.initializers.zeros, (self.rank, self.features), self.param_dtype)
+    low = jnp.einsum('...h,hr->...r', x.astype(self.dtype), a.astype(self.dtype))
+    update = jnp.einsum('...r,rf->...f', low, b.astype(self.dtype))
+    return (update * self.scale).astype(self.dtype)
+
+
+def projection(config: LlamaConfig, lora, x, features: int, name: str):
+  """x @ kernel of the bias-free projection `name` (wq, wk, wv, wo, w_gate, w_up,
+  w_down), plus its LoRA update (a sibling module `<name>_lora`) when `lora` (anything
+  with .rank, .scale, .targets; models/lora.py LoraSpec) targets it. Call it from a
+  compact method: the modules belong to the caller."""
+  dtype, param_dtype = as_dtype(config.dtype), as_dtype(config.param_dtype)
+  y = nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)(x)
+  if lora is not None and name in lora.targets:
+    y = y + LowRank(features, lora.rank, lora.scale, dtype, param_dtype,
+                    name=f'{name}_lora')(x)
+  return y
+
+
 class Attention(nn.Module):
   config: LlamaConfig
+  lora: Any = None
 
   @nn.compact
   def __call__(self, x, cos, sin, cache, layer, write_index, attn_mask):
-    """x: [B, T, H] -> ([B, T, H], cache with this layer's new keys/values written)."""
+    """x: [B, T, H] -> ([B, T, H], cache with this layer's new keys/values written).
+
+    cache None (whole-sequence mode, training): the T new tokens attend only to each
+    other (attn_mask [B, T, T]) and nothing is stored."""
     c = self.config
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=as_dtype(c.dtype),
-                                     param_dtype=as_dtype(c.param_dtype), name=name)
+    dense = lambda n, name, inputs: projection(c, self.lora, inputs, n, name)
     b, t, _ = x.shape
-    q = dense(c.num_heads * c.head_dim, 'wq')(x).reshape(b, t, c.num_heads, c.head_dim)
-    k = dense(c.num_kv_heads * c.head_dim, 'wk')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = dense(c.num_kv_heads * c.head_dim, 'wv')(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q = dense(c.num_heads * c.head_dim, 'wq', x).reshape(b, t, c.num_heads, c.head_dim)
+    k = dense(c.num_kv_heads * c.head_dim, 'wk', x).reshape(b, t, c.num_kv_heads,
+                                                             c.head_dim)
+    v = dense(c.num_kv_heads * c.head_dim, 'wv', x).reshape(b, t, c.num_kv_heads,
+                                                             c.head_dim)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    cache = KVCache(k=write_cache_rows(cache.k, k, layer, write_index),
-                    v=write_cache_rows(cache.v, v, layer, write_index))
-    out = attention_scores_to_output(q, cache.k[layer], cache.v[layer], attn_mask,
-                                     c.num_kv_heads)
-    out = dense(c.hidden_size, 'wo')(out.reshape(b, t, c.num_heads * c.head_dim))
+    if cache is None:
+      keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KVH, T, D]
+    else:
+      cache = KVCache(k=write_cache_rows(cache.k, k, layer, write_index),
+                      v=write_cache_rows(cache.v, v, layer, write_index))
+      keys, values = cache.k[layer], cache.v[layer]
+    out = attention_scores_to_output(q, keys, values, attn_mask, c.num_kv_heads)
+    out = dense(c.hidden_size, 'wo', out.reshape(b, t, c.num_heads * c.head_dim))
     return out, cache
 
 
 class MLP(nn.Module):
   config: LlamaConfig
+  lora: Any = None
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=as_dtype(c.dtype),
-                                     param_dtype=as_dtype(c.param_dtype), name=name)
-    gate = dense(c.intermediate_size, 'w_gate')(x)
-    up = dense(c.intermediate_size, 'w_up')(x)
-    return dense(c.hidden_size, 'w_down')(nn.silu(gate) * up)
+    gate = projection(c, self.lora, x, c.intermediate_size, 'w_gate')
+    up = projection(c, self.lora, x, c.intermediate_size, 'w_up')
+    return projection(c, self.lora, nn.silu(gate) * up, c.hidden_size, 'w_down')
 
 
 class DecoderLayer(nn.Module):
   """Pre-norm attention + SwiGLU block. Call signature fits `nn.scan` (carry, broadcast)."""
   config: LlamaConfig
+  lora: Any = None
 
   @nn.compact
   def __call__(self, carry, cos, sin, write_index, attn_mask):
@@ -219,16 +260,21 @@ class DecoderLayer(nn.Module):
     c = self.config
     norm = lambda name: RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
                                 name=name)
-    attn_out, cache = Attention(c, name='attn')(norm('attn_norm')(x), cos, sin, cache,
+    attn_out, cache = Attention(c, self.lora, name='attn')(norm('attn_norm')(x), cos, sin, cache,
                                                 layer, write_index, attn_mask)
     x = x + attn_out
-    x = x + MLP(c, name='mlp')(norm('mlp_norm')(x))
+    x = x + MLP(c, self.lora, name='mlp')(norm('mlp_norm')(x))
     return (x, cache, layer + 1), None
 
 
 class Llama(nn.Module):
-  """The decoder. `__call__` is the one forward pass (see `forward`)."""
+  """The decoder. `__call__` is the one forward pass (see `forward`, `sequence_forward`).
+
+  lora: None, or the LoRA updates the parameters carry (models/lora.py LoraSpec).
+  remat: recompute each layer's activations in the backward pass (training memory)."""
   config: LlamaConfig
+  lora: Any = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, tokens, positions, cache, write_index, attn_mask, logits_index=None):
@@ -239,16 +285,17 @@ class Llama(nn.Module):
     x = embed(tokens)
     cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta)
     carry = (x, cache, jnp.int32(0))
+    layer_class = nn.remat(DecoderLayer) if self.remat else DecoderLayer
     if c.scan_layers:
-      stack = nn.scan(DecoderLayer, variable_axes={'params': 0},
+      stack = nn.scan(layer_class, variable_axes={'params': 0},
                       split_rngs={'params': True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=c.num_layers)
-      carry, _ = stack(c, name='layers')(carry, cos, sin, write_index, attn_mask)
+      carry, _ = stack(c, self.lora, name='layers')(carry, cos, sin, write_index, attn_mask)
     else:
       for i in range(c.num_layers):
-        carry, _ = DecoderLayer(c, name=f'layers_{i}')(carry, cos, sin, write_index,
-                                                        attn_mask)
+        carry, _ = layer_class(c, self.lora, name=f'layers_{i}')(carry, cos, sin,
+                                                                  write_index, attn_mask)
     x, cache, _ = carry
     hidden = RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
                      name='final_norm')(x)
@@ -286,6 +333,20 @@ def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, writ
   """
   return Llama(config).apply({'params': params}, tokens, positions, cache, write_index,
                              attn_mask, logits_index)
+
+
+def sequence_forward(config: LlamaConfig, params, tokens, positions, attn_mask,
+                     logits_index=None, lora=None, remat=False):
+  """Whole sequences without a cache (training, scoring): [B, T] tokens attend to each
+  other as attn_mask [B, T, T] bool allows (causal and padding, the caller's choice).
+
+  lora: the LoRA spec the parameters carry (their `<name>_lora` updates), or None.
+  remat: recompute layer activations in the backward pass.
+  Returns logits [B, T, V] float32 ([B, K, V] with logits_index [B, K]) and hidden
+  [B, T, H]."""
+  logits, hidden, _ = Llama(config, lora, remat).apply(
+      {'params': params}, tokens, positions, None, None, attn_mask, logits_index)
+  return logits, hidden
 
 
 def init_params(config: LlamaConfig, rng):

@@ -199,12 +199,19 @@ def rain_overrides(flag_values) -> dict:
           if getattr(flag_values, name) is not None}
 
 
-def define_flags(flag_values=None) -> None:
-  """Defines every flag of TABLE with absl, in table order, as flags of the calling
-  module (so `--helpshort` and `FLAGS.get_flags_for_module` list them under it)."""
+def define_flags(flag_values=None, names=None) -> None:
+  """Defines every flag of TABLE (or those in `names`) with absl, in table order, as
+  flags of the calling module (so `--helpshort` and `FLAGS.get_flags_for_module` list
+  them under it)."""
   flags.disclaim_key_flags()  # attribute the definitions below to our caller
   flag_values = flags.FLAGS if flag_values is None else flag_values
+  if names is not None:
+    unknown = sorted(set(names) - {flag.name for flag in TABLE})
+    if unknown:
+      raise ValueError(f'no flags named {unknown} in the table')
   for flag in TABLE:
+    if names is not None and flag.name not in names:
+      continue
     if flag.kind == 'enum':
       flags.DEFINE_enum(flag.name, flag.default, list(flag.enum_values), flag.help,
                         flag_values=flag_values)

@@ -21,6 +21,7 @@ which is never sharded:
 | mlp/w_down kernel | [F, H] | ('tensor', 'fsdp') |
 | lm_head (engine.md: lm_head/kernel) | [H, V] | ('fsdp', 'tensor') |
 | attn_norm, mlp_norm, final_norm scale | [H] | replicated |
+| LoRA `<proj>_lora/a` [in, r], `b` [r, out] (models/lora.py) | | in / out split as the kernel's, r whole |
 
 KV cache `k, v: [L, B, KVH, S, D]`: (None, ('data', 'fsdp'), 'tensor', None, None), so
 each device holds the cache of the rows and heads it computes, matching the activations
@@ -68,6 +69,16 @@ PARTITION_RULES = (
     PartitionRule(r'(^|/)mlp/w_down/kernel$', ('tensor', 'fsdp')),
     PartitionRule(r'(^|/)lm_head(/kernel)?$', ('fsdp', 'tensor')),
     PartitionRule(r'(^|/)(attn_norm|mlp_norm|final_norm)/scale$', (None,)),
+    # LoRA updates (models/lora.py): a [in, r] splits its input dimension like the
+    # kernel, b [r, out] its output dimension; the rank is never split.
+    PartitionRule(r'(^|/)attn/w[qkv]_lora/a$', ('fsdp', None)),
+    PartitionRule(r'(^|/)attn/w[qkv]_lora/b$', (None, 'tensor'), head_dims=(1,)),
+    PartitionRule(r'(^|/)attn/wo_lora/a$', ('tensor', None), head_dims=(0,)),
+    PartitionRule(r'(^|/)attn/wo_lora/b$', (None, 'fsdp')),
+    PartitionRule(r'(^|/)mlp/w_(gate|up)_lora/a$', ('fsdp', None)),
+    PartitionRule(r'(^|/)mlp/w_(gate|up)_lora/b$', (None, 'tensor')),
+    PartitionRule(r'(^|/)mlp/w_down_lora/a$', ('tensor', None)),
+    PartitionRule(r'(^|/)mlp/w_down_lora/b$', (None, 'fsdp')),
 )
 
 
