@@ -10,6 +10,15 @@ scripts/sweep.py in a given folder), else the answer flags that differ between t
 files' `<file>.config.json` sidecars. Shards (`<run>.shard<i>-of-<n>.jsonl`) of a run
 are merged; an (id, method) found twice in one group counts once.
 
+Distilled answers (python -m rain_jax.train, then a run of the trained model; the chain
+of scripts/sweep.py --train): a result file whose sidecar's --checkpoint is the `model`
+folder of a training output (its parent holds train_config.json) gives rows of method
+distilled-vanilla (distilled-rain for RAIN answers), next to the rows of the model it
+was trained from: that model's name, and the setting of the run whose answers it was
+trained on (the first --data file). A `training` column then says how (objective,
+steps, LoRA rank or full). The .jsonl files of a training output (metrics.jsonl) are
+not result files.
+
 Columns: n (answers), mean new tokens, mean seconds per prompt (the records' `seconds`:
 batch wall time / batch size, compile time excluded), RAIN/vanilla time ratio (on RAIN
 rows: mean RAIN seconds / mean vanilla seconds over the prompts both answered in the
@@ -21,11 +30,15 @@ and "method", optionally "model", "task" and "run" (a sweep run name or a result
 stem) to narrow which answers they score. Every other number or true/false in a line is
 a metric (nested objects give dotted names: {"bleu": {"diff": 0.2}} -> "bleu.diff");
 text and lists are ignored. A score applies to every answer it matches, so give scores
-of several models' answers a "model" field (or report them separately).
+of several models' answers a "model" field (or report them separately). Distilled
+answers take the lines whose "method" is distilled-vanilla (distilled-rain), and lines
+of their own method (vanilla) only when they name the distilled file's "run"
+(`<run>.distilled`), so scores of the starting model's answers never reach them.
 
 Plots (need matplotlib: `pip install -e .[report]`; --noplots skips them): mean seconds
 per prompt, RAIN/vanilla time ratio, simulations per committed set, and each metric,
-against model size (parameters, from the sidecars; model names in order when unknown).
+against model size (parameters, from the sidecars; model names in order when unknown);
+distilled rows are series of their own (dotted).
 """
 import collections
 import csv
@@ -50,9 +63,13 @@ SHARD_SUFFIX = re.compile(r'\.shard\d+-of-\d+$')
 IDENTITY_FLAGS = flag_table.IDENTITY_FLAGS
 IDENTITY_AXES = frozenset({'model', 'task', 'flagfile'})
 SCORE_KEYS = frozenset({'id', 'method', 'model', 'task', 'run'})
-METHODS = ('vanilla', 'rain')
+DISTILLED = 'distilled-'  # method prefix of the answers of a trained model
+METHODS = ('vanilla', 'rain', DISTILLED + 'vanilla', DISTILLED + 'rain')
 BASE_COLUMNS = ['model', 'parameters', 'task', 'setting', 'method', 'n', 'mean_new_tokens',
                 'mean_seconds', 'time_ratio_rain_vs_vanilla', 'simulations_per_set']
+TRAINING_COLUMN = 'training'  # after 'method', when a row is of distilled answers
+TRAIN_CONFIG = 'train_config.json'  # rain_jax.train's record of a training output
+DEFAULT_MODEL = 'smollm2-135m-instruct'  # rain_jax.train's model without a weight source
 
 
 class ReportError(ValueError):
@@ -64,12 +81,25 @@ def run_name(path: str) -> str:
   return SHARD_SUFFIX.sub('', os.path.splitext(os.path.basename(path))[0])
 
 
+def in_training_output(path: str, root: str) -> bool:
+  """True when `path` lies in a rain_jax.train output folder (one holding
+  train_config.json) at or below `root`."""
+  folder, root = os.path.dirname(os.path.abspath(path)), os.path.abspath(root)
+  while True:
+    if os.path.isfile(os.path.join(folder, TRAIN_CONFIG)):
+      return True
+    if folder == root or os.path.dirname(folder) == folder:
+      return False
+    folder = os.path.dirname(folder)
+
+
 def find_result_files(paths):
   """(sorted result files, {run name: settings} from the manifests of given folders)."""
   files, settings = set(), {}
   for path in paths:
     if os.path.isdir(path):
-      files.update(glob.glob(os.path.join(path, '**', '*.jsonl'), recursive=True))
+      files.update(f for f in glob.glob(os.path.join(path, '**', '*.jsonl'), recursive=True)
+                   if not in_training_output(f, path))
       manifest = os.path.join(path, 'manifest.json')
       if os.path.isfile(manifest):
         with open(manifest, encoding='utf-8') as f:
@@ -97,15 +127,78 @@ def sidecar_settings(files):
   return {path: {n: str(configs[path].get(n)) for n in varying} for path in files}
 
 
-def model_parameters(files):
-  """{model name: parameter count} from the sidecars' latest sessions."""
+def resolve(path: str):
+  """`path` as given, else (relative) from the repository root, where sweeps run; None
+  when neither exists."""
+  for candidate in (path, os.path.join(REPO, path)):
+    if os.path.exists(candidate):
+      return candidate
+  return None
+
+
+def training_of(path: str):
+  """The training behind a result file's answers, or None: {'folder', 'config' (the
+  train flags), 'model' (the name of the model it started from), 'data' ([files]),
+  'label'} when the sidecar's --checkpoint is a training output's model folder."""
+  saved = results.read_config(path)
+  checkpoint = saved and saved['config'].get('checkpoint')
+  if not checkpoint or '://' in str(checkpoint):
+    return None
+  folder = os.path.dirname(os.path.normpath(str(checkpoint)))
+  config_file = resolve(os.path.join(folder, TRAIN_CONFIG))
+  if config_file is None:
+    if os.path.basename(os.path.normpath(str(checkpoint))) == 'model':
+      print(f'report.py: {path}: its --checkpoint {checkpoint} looks like a training '
+            f'output, but {os.path.join(folder, TRAIN_CONFIG)} is not here; its answers '
+            f'are not marked distilled', file=sys.stderr)
+    return None
+  with open(config_file, encoding='utf-8') as f:
+    config = json.load(f)['config']
+  summary_file = os.path.join(os.path.dirname(config_file), 'summary.json')
+  model = None
+  if os.path.isfile(summary_file):
+    with open(summary_file, encoding='utf-8') as f:
+      model = json.load(f).get('model')
+  if not model:  # as rain_jax.loading names it: the registry name, else the folder's
+    source = config.get('checkpoint') or config.get('hf_dir') or config.get('gguf')
+    model = config.get('model') or (os.path.basename(os.path.normpath(str(source)))
+                                    if source else DEFAULT_MODEL)
+  lora = config.get('lora_rank')
+  steps = config.get('steps')
+  label = (f'{config.get("objective")}, {steps} step{"" if steps == 1 else "s"}, '
+           + (f'LoRA r={lora}' if lora else 'full'))
+  return {'folder': os.path.normpath(folder), 'config': config, 'model': str(model),
+          'data': [p.strip() for p in str(config.get('data') or '').split(',') if p.strip()],
+          'label': label}
+
+
+def trainings_of(files):
+  """{result file: training (training_of) or None}; a label that two training folders
+  share gets the folder added."""
+  trainings = {path: training_of(path) for path in files}
+  folders = collections.defaultdict(set)
+  for training in filter(None, trainings.values()):
+    folders[training['label']].add(training['folder'])
+  for training in filter(None, trainings.values()):
+    if len(folders[training['label']]) > 1:
+      training['label'] += f' ({training["folder"]})'
+  return trainings
+
+
+def model_parameters(files, trainings=None):
+  """{model name: parameter count} from the sidecars' latest sessions (a distilled
+  file's count goes to the model it was trained from)."""
   sizes = {}
   for path in files:
     saved = results.read_config(path)
+    training = (trainings or {}).get(path)
     if saved and saved['sessions']:
       session = saved['sessions'][-1]
       if session.get('model') and session.get('model_parameters'):
-        sizes[session['model']] = session['model_parameters']
+        if training:
+          sizes.setdefault(training['model'], session['model_parameters'])
+        else:
+          sizes[session['model']] = session['model_parameters']
   return sizes
 
 
@@ -113,17 +206,39 @@ def setting_label(settings: dict) -> str:
   return ', '.join(f'{k}={v}' for k, v in settings.items())
 
 
-def load_answers(files, manifest_settings):
-  """{(model, task, setting, method): {id: record}} with record['_run'] = run name."""
+def file_settings(path, training, files, manifest_settings, from_sidecars):
+  """A result file's settings: its sweep run's, else its sidecar's; a distilled file
+  takes those of the results it was trained on (its first --data file)."""
+  run = run_name(path)
+  if training and training['data']:
+    data = training['data'][0]
+    if run_name(data) in manifest_settings:
+      return manifest_settings[run_name(data)]
+    found = resolve(data)
+    same = [f for f in files if found and os.path.realpath(f) == os.path.realpath(found)]
+    if same:
+      return from_sidecars[same[0]]
+  return manifest_settings.get(run, from_sidecars[path])
+
+
+def load_answers(files, manifest_settings, trainings=None):
+  """{(model, task, setting, method, training): {id: record}} with record['_run'] = run
+  name; training is '' except for distilled answers (the training's label)."""
   from_sidecars = sidecar_settings(files)
+  trainings = trainings or {}
   groups = collections.defaultdict(dict)
   duplicates = 0
   for path in files:
     run = run_name(path)
-    settings = manifest_settings.get(run, from_sidecars[path])
+    training = trainings.get(path)
+    settings = file_settings(path, training, files, manifest_settings, from_sidecars)
     for record in results.read_records(path):
-      key = (str(record['model']), str(record['task']), setting_label(settings),
-             record['method'])
+      if training:
+        key = (training['model'], str(record['task']), setting_label(settings),
+               DISTILLED + record['method'], training['label'])
+      else:
+        key = (str(record['model']), str(record['task']), setting_label(settings),
+               record['method'], '')
       answer_id = str(record['id'])
       if answer_id in groups[key]:
         duplicates += 1
@@ -171,11 +286,15 @@ def attach_scores(groups, scores):
   by_answer = collections.defaultdict(list)
   for score in scores:
     by_answer[(score['match']['id'], score['match']['method'])].append(score)
-  for (model, task, _, method), answers in groups.items():
+  for (model, task, _, method, _), answers in groups.items():
     for answer_id, record in answers.items():
       fields = {'model': model, 'task': task, 'run': record['_run']}
       record['_metrics'] = {}
-      for score in by_answer.get((answer_id, method), []):
+      candidates = by_answer.get((answer_id, method), [])
+      if method != record['method']:  # distilled: lines of 'vanilla' only with their run
+        candidates = candidates + [s for s in by_answer.get((answer_id, record['method']), [])
+                                   if 'run' in s['match']]
+      for score in candidates:
         if all(score['match'].get(k, v) == v for k, v in fields.items()):
           record['_metrics'].update(score['metrics'])
 
@@ -190,15 +309,16 @@ def summarize(groups, sizes):
   metrics = sorted({m for answers in groups.values() for r in answers.values()
                     for m in r.get('_metrics', {})})
   rows = []
-  for (model, task, setting, method), answers in groups.items():
+  for (model, task, setting, method, training), answers in groups.items():
     records = list(answers.values())
     row = {'model': model, 'parameters': sizes.get(model), 'task': task, 'setting': setting,
-           'method': method, 'n': len(records),
+           'method': method, TRAINING_COLUMN: training, 'n': len(records),
            'mean_new_tokens': mean(r['num_new_tokens'] for r in records),
            'mean_seconds': mean(r['seconds'] for r in records),
            'time_ratio_rain_vs_vanilla': None, 'simulations_per_set': None}
-    if method == 'rain':
-      vanilla = groups.get((model, task, setting, 'vanilla'), {})
+    if method.endswith('rain'):  # against the vanilla answers of the same model
+      vanilla = groups.get((model, task, setting, method[:-len('rain')] + 'vanilla',
+                            training), {})
       common = sorted(set(answers) & set(vanilla))
       if common:
         vanilla_seconds = mean(vanilla[i]['seconds'] for i in common)
@@ -215,8 +335,18 @@ def summarize(groups, sizes):
     rows.append(row)
   order = {m: i for i, m in enumerate(METHODS)}
   rows.sort(key=lambda r: (r['parameters'] or 0, r['model'], r['task'], r['setting'],
-                           order.get(r['method'], len(order)), r['method']))
+                           order.get(r['method'], len(order)), r['method'],
+                           r[TRAINING_COLUMN]))
   return rows, metrics
+
+
+def table_columns(rows, metrics):
+  """BASE_COLUMNS (with the training column after 'method' when a row is distilled),
+  then the metrics."""
+  columns = list(BASE_COLUMNS)
+  if any(row.get(TRAINING_COLUMN) for row in rows):
+    columns.insert(columns.index('method') + 1, TRAINING_COLUMN)
+  return columns + metrics
 
 
 def human_count(n) -> str:
@@ -241,7 +371,7 @@ def format_cell(value, column) -> str:
 
 COLUMN_TITLES = {
     'model': 'model', 'parameters': 'params', 'task': 'task', 'setting': 'setting',
-    'method': 'method', 'n': 'n', 'mean_new_tokens': 'new tokens',
+    'method': 'method', TRAINING_COLUMN: 'training', 'n': 'n', 'mean_new_tokens': 'new tokens',
     'mean_seconds': 's / prompt', 'time_ratio_rain_vs_vanilla': 'RAIN / vanilla time',
     'simulations_per_set': 'sims / set',
 }
@@ -266,6 +396,10 @@ def markdown(rows, columns, sources, plots):
   lines += ['', 's / prompt: batch wall time / batch size, compile time excluded. '
             'RAIN / vanilla time: over the prompts both methods answered in the row\'s '
             'group. sims / set: simulations per committed token set (RAIN).']
+  if TRAINING_COLUMN in columns:
+    lines[-1] += (' distilled-vanilla: vanilla answers of the model trained (python -m '
+                  'rain_jax.train, as the training column says) on the RAIN answers of '
+                  'its row\'s setting.')
   if plots:
     lines += [''] + [f'![{name}]({name})' for name in plots]
   return '\n'.join(lines) + '\n'
@@ -292,10 +426,12 @@ def plot_series(rows, value, methods, mode, categories, sizes):
   for row in rows:
     if row['method'] not in methods or row.get(value) is None:
       continue
+    method = row['method'] + (f': {row[TRAINING_COLUMN]}' if row.get(TRAINING_COLUMN)
+                              else '')
     if mode == 'setting':
-      key, x = (row['task'], row['method']), categories.index(row['setting'])
+      key, x = (row['task'], method), categories.index(row['setting'])
     else:
-      key = (row['task'], row['setting'], row['method'])
+      key = (row['task'], row['setting'], method)
       x = sizes[row['model']] if mode == 'size' else categories.index(row['model'])
     series[key].append((x, row[value]))
   return {k: sorted(v) for k, v in sorted(series.items())}
@@ -330,8 +466,9 @@ def draw(path, rows, value, methods, sizes, title, ylabel, reference_line=None):
     xs, ys = zip(*points)
     if mode != 'size':
       xs = [x + 0.05 * (number - (len(series) - 1) / 2) for x in xs]
-    ax.plot(xs, ys, marker='o' if method == 'rain' else 's', markersize=7,
-            linestyle='-' if method == 'rain' else '--',
+    distilled = method.startswith(DISTILLED)
+    ax.plot(xs, ys, marker='^' if distilled else 'o' if method == 'rain' else 's',
+            markersize=7, linestyle=':' if distilled else '-' if method == 'rain' else '--',
             color=colors[groups.index(key[:-1]) % len(colors)],
             label=series_label(key, methods))
   if reference_line is not None:
@@ -385,7 +522,7 @@ def draw_plots(out, rows, metrics, sizes):
       ('simulations_per_set.png', 'simulations_per_set', ('rain',),
        'RAIN search effort', 'simulations per committed token set', None),
   ]
-  specs += [(f'metric_{safe_file(m)}.png', m, METHODS, f'{m}: RAIN and vanilla',
+  specs += [(f'metric_{safe_file(m)}.png', m, METHODS, f'{m} by method',
              f'mean {m}', None) for m in metrics]
   written = []
   for name, value, methods, title, ylabel, line in specs:
@@ -401,13 +538,14 @@ def safe_file(text):
 def make_report(result_paths, score_paths, out, plots=True):
   """Writes report.md, report.csv (and PNGs) into `out`; returns (rows, plot names)."""
   files, manifest_settings = find_result_files(result_paths)
-  groups = load_answers(files, manifest_settings)
+  trainings = trainings_of(files)
+  groups = load_answers(files, manifest_settings, trainings)
   if not groups:
     raise ReportError('the result files hold no answers')
   attach_scores(groups, read_scores(score_paths))
-  sizes = model_parameters(files)
+  sizes = model_parameters(files, trainings)
   rows, metrics = summarize(groups, sizes)
-  columns = BASE_COLUMNS + metrics
+  columns = table_columns(rows, metrics)
   os.makedirs(out, exist_ok=True)
   plot_names = draw_plots(out, rows, metrics, sizes) if plots else []
   write_csv(os.path.join(out, 'report.csv'), rows, columns)

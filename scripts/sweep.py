@@ -31,6 +31,27 @@ downloadable weights and give no weight flag gets `--checkpoint=<root>/<weights>
 `--hf_dir=` with --checkpoint_format=hf), where <weights> is the model name, or the name
 a flagfile gives in a `# weights: NAME` comment (configs/paper/ use it).
 
+Closing the loop. With a "train" object in the grid ({"objective": "sft", "steps": 100,
+"lora_rank": 8, ...}: flags of `python -m rain_jax.train`) or `--train=name=value`, every
+run (which must answer with --method=both) becomes a chain of three stages:
+  generate   python -m rain_jax.run --flagfile=<out>/flags/<run>.flags (as without)
+  train      python -m rain_jax.train --flagfile=<out>/flags/<run>.train.flags: the
+             run's model flags (model, weights, tokenizer, dtype, mesh, ...), then the
+             "train" flags, then --data=<the run's results> --output=<out>/train/<run>
+  distilled  python -m rain_jax.run --flagfile=<out>/flags/<run>.distilled.flags: the
+             run's flags with --method=vanilla, --checkpoint=<out>/train/<run>/model
+             (a registry --model stays, so its tokenizer is used; an --hf_dir or --gguf
+             source becomes the --tokenizer) and
+             --output=<out>/results/<run>.distilled.jsonl
+A stage starts only when the one before it succeeded, and each skips what is done (the
+runs resume where their results end; rain_jax.train continues from its checkpoints and
+returns at once when its model and summary.json exist). The "train" flag names and
+values are checked by absl before anything runs. scripts/report.py shows the distilled
+answers as the method distilled-vanilla next to the run's vanilla and RAIN rows. With
+--run=print a chain needs one TPU VM of one host: rain_jax.train reads every answer of
+its run, which only worker 0 of one TPU VM holds; the fetch step also copies each run's
+training record (train_config.json, summary.json, metrics.jsonl; not the weights).
+
 Running. --run=local runs the flagfiles one after another here
 (`python -m rain_jax.run --flagfile=...`); a run already finished resumes as a no-op.
 --run=print prints the shell commands for Cloud TPU VMs (nothing is executed): create
@@ -89,6 +110,14 @@ FLAGS = flags.FLAGS
 
 WEIGHT_FLAGS = flag_table.WEIGHT_FLAGS
 WEIGHTS_COMMENT = re.compile(r'^#\s*weights:\s*(\S+)\s*$')
+# The run's flags that the training stage takes over (rain_jax.train defines them too).
+TRAIN_MODEL_FLAGS = ('model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'dtype',
+                     'scan_layers', 'mesh', 'compilation_cache')
+# Flags of the training stage that the sweep sets itself.
+TRAIN_STAGE_FLAGS = ('data', 'output')
+DISTILLED_SUFFIX = '.distilled'
+# What the fetch step copies of a training folder (rain_jax.train's records, no weights).
+TRAIN_RECORDS = ('train_config.json', 'summary.json', 'metrics.jsonl')
 
 
 class SpecError(ValueError):
@@ -127,13 +156,16 @@ def axis_value(axis: str, value) -> dict:
   return {'label': label, 'flags': {axis: value}}
 
 
-def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep'):
-  """The grid spec from the JSON file and the --axis/--set flags (those take precedence).
+def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep',
+              train_flags=()):
+  """The grid spec from the JSON file and the --axis/--set/--train flags (those take
+  precedence).
 
   The name is `name`, else the grid's, else `default_name`.
 
-  Returns {'name', 'flagfiles': [path], 'set': {flag: value}, 'axes': {axis: [value]}},
-  with every axis value as {'label', 'flags'}.
+  Returns {'name', 'flagfiles': [path], 'set': {flag: value}, 'axes': {axis: [value]},
+  'train': {flag: value} or None}, with every axis value as {'label', 'flags'}; 'train'
+  (the grid's "train" object and --train=name=value) is None without a training stage.
   """
   spec = {}
   if grid_path:
@@ -144,10 +176,11 @@ def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep')
       raise SpecError(f'--grid: {grid_path} does not exist') from None
     except json.JSONDecodeError as e:
       raise SpecError(f'--grid: {grid_path} is not valid JSON ({e})') from None
-    unknown = set(spec) - {'name', 'flagfiles', 'set', 'axes'} if isinstance(spec, dict) else {}
+    unknown = (set(spec) - {'name', 'flagfiles', 'set', 'axes', 'train'}
+               if isinstance(spec, dict) else {})
     if not isinstance(spec, dict) or unknown:
       raise SpecError(f'--grid: {grid_path} must be an object with keys name, flagfiles, '
-                      f'set, axes; unknown: {sorted(unknown)}')
+                      f'set, axes, train; unknown: {sorted(unknown)}')
   shared = dict(spec.get('set', {}))
   for text in set_flags:
     key, value = parse_assignment(text, '--set')
@@ -167,8 +200,23 @@ def load_spec(grid_path, axis_flags, set_flags, name=None, default_name='sweep')
   for path in flagfiles + [v['flags']['flagfile'] for v in axes.get('flagfile', [])]:
     if not os.path.isfile(path):
       raise SpecError(f'flagfile {path} does not exist')
+  train = spec.get('train')
+  if train is not None and not isinstance(train, dict):
+    raise SpecError(f'--grid: "train" must be an object of rain_jax.train flags, got '
+                    f'{train!r}')
+  if train_flags:
+    train = dict(train or {})
+    for text in train_flags:
+      key, value = parse_assignment(text, '--train')
+      train[key] = value
+  if train is not None:
+    train = {key.lstrip('-'): value for key, value in train.items()}
+    fixed = [key for key in TRAIN_STAGE_FLAGS if key in train]
+    if fixed:
+      raise SpecError(f'the training stage\'s {", ".join("--" + k for k in fixed)} are '
+                      f'set by the sweep (the run\'s results, <out>/train/<run>)')
   return {'name': name or spec.get('name') or default_name, 'flagfiles': flagfiles,
-          'set': shared, 'axes': axes}
+          'set': shared, 'axes': axes, 'train': train}
 
 
 def read_flagfile(path: str, seen=()) -> tuple:
@@ -265,36 +313,142 @@ def expand(spec, out, checkpoint_root=None, checkpoint_format='orbax'):
   return runs
 
 
+def distilled_flags(values: dict, checkpoint: str, output: str) -> list:
+  """The distilled stage's flags: the run's `values` (flagfiles expanded) answering with
+  --method=vanilla from the trained `checkpoint` into `output`.
+
+  The weight source becomes --checkpoint; a registry --model stays (the registry gives
+  the tokenizer), the default model is named when the run gave no source, and an
+  --hf_dir or --gguf source without --tokenizer becomes the --tokenizer (both carry one).
+  """
+  model, tokenizer = values.get('model'), values.get('tokenizer')
+  if not model and not any(values.get(f) for f in WEIGHT_FLAGS):
+    model = registry.DEFAULT_MODEL
+  if not model and not tokenizer:
+    tokenizer = values.get('hf_dir') or values.get('gguf')
+  flag_list = [('model', model)] if model else []
+  flag_list += [('tokenizer', tokenizer)] if tokenizer else []
+  dropped = set(WEIGHT_FLAGS) | {'model', 'tokenizer', 'method', 'output'}
+  flag_list += [(name, value) for name, value in values.items() if name not in dropped]
+  return flag_list + [('checkpoint', checkpoint), ('method', 'vanilla'), ('output', output)]
+
+
+def add_chain(runs, train_flags: dict, out: str):
+  """Gives every run a training stage and a distilled stage (see the module docstring):
+  run['train'] and run['distilled'] = {'flagfile', 'flags', 'output'}.
+
+  Call it after fit_runs (the stages take the run's final mesh and batch size). A run
+  that does not answer with --method=both is a SpecError.
+  """
+  for run in runs:
+    values, _ = effective_flags(run['flags'])
+    method = str(values.get('method', flag_default('method')))
+    if method != 'both':
+      raise SpecError(f'run {run["name"]}: --method={method}; a run with a training stage '
+                      f'needs --method=both (RAIN answers to train on, vanilla ones to '
+                      f'compare the distilled answers with)')
+    train_output = os.path.join(out, 'train', run['name'])
+    model_flags = [(name, values[name]) for name in TRAIN_MODEL_FLAGS
+                   if values.get(name) not in (None, '')]
+    run['train'] = {
+        'flagfile': os.path.join(out, 'flags', run['name'] + '.train.flags'),
+        'flags': model_flags + list(train_flags.items()) + [('data', run['output']),
+                                                            ('output', train_output)],
+        'output': train_output}
+    output = os.path.join(out, 'results', run['name'] + DISTILLED_SUFFIX + '.jsonl')
+    run['distilled'] = {
+        'flagfile': os.path.join(out, 'flags', run['name'] + DISTILLED_SUFFIX + '.flags'),
+        'flags': distilled_flags(values, os.path.join(train_output, 'model'), output),
+        'output': output}
+
+
+TRAIN_FLAG_CHECK = r"""
+import json, sys
+from absl import flags
+import rain_jax.train  # noqa: F401  (defines its flags)
+for name, argv in json.load(sys.stdin):
+  flags.FLAGS.unparse_flags()
+  try:
+    flags.FLAGS(['rain_jax.train'] + argv)
+  except flags.Error as e:
+    print(f'run {name}: the training stage: {e}')
+    sys.exit(1)
+"""
+
+
+def check_train_flags(runs, python=sys.executable):
+  """SpecError unless absl accepts every training stage's flags with rain_jax.train's
+  definitions (read in a subprocess, as they clash with rain_jax.run's)."""
+  todo = [[run['name'], [flag_text(n, v) for n, v in run['train']['flags']]]
+          for run in runs if run.get('train')]
+  if not todo:
+    return
+  result = subprocess.run([python, '-c', TRAIN_FLAG_CHECK], input=json.dumps(todo),
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  if result.returncode != 0:
+    lines = (result.stdout.strip() or result.stderr.strip() or 'no output').splitlines()
+    raise SpecError(lines[-1])
+
+
+def stages(run):
+  """[(stage, module, flagfile, output)] of a run in order: generate, then with a chain
+  train (its output is a folder) and distilled."""
+  found = [('generate', 'rain_jax.run', run['flagfile'], run['output'])]
+  for stage, module in (('train', 'rain_jax.train'), ('distilled', 'rain_jax.run')):
+    if run.get(stage):
+      found.append((stage, module, run[stage]['flagfile'], run[stage]['output']))
+  return found
+
+
+def write_flagfile(path, header, flag_list):
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write('\n'.join([header] + [flag_text(n, v) for n, v in flag_list]) + '\n')
+
+
 def write_sweep(spec, runs, out):
   """Writes the runs' flagfiles and `<out>/manifest.json`; returns the manifest."""
   os.makedirs(os.path.join(out, 'flags'), exist_ok=True)
   for run in runs:
     header = ', '.join(f'{a}={v}' for a, v in run['settings'].items()) or 'no axes'
-    lines = [f'# scripts/sweep.py, sweep {spec["name"]!r}, run {run["name"]}: {header}']
-    lines += [flag_text(name, value) for name, value in run['flags']]
-    with open(run['flagfile'], 'w', encoding='utf-8') as f:
-      f.write('\n'.join(lines) + '\n')
+    head = f'# scripts/sweep.py, sweep {spec["name"]!r}, run {run["name"]}'
+    write_flagfile(run['flagfile'], f'{head}: {header}', run['flags'])
+    for stage, module, flagfile, _ in stages(run)[1:]:
+      write_flagfile(flagfile, f'{head}, {stage} stage (python -m {module}): {header}',
+                     run[stage]['flags'])
+  entries = []
+  for run in runs:
+    entry = {k: run[k] for k in ('name', 'settings', 'flagfile', 'output', 'model', 'task')}
+    for stage, _, flagfile, output in stages(run)[1:]:
+      entry.update({f'{stage}_flagfile': flagfile, f'{stage}_output': output})
+    entries.append(entry)
   manifest = {
       'name': spec['name'],
       'axes': {axis: [v['label'] for v in values] for axis, values in spec['axes'].items()},
-      'runs': [{k: run[k] for k in ('name', 'settings', 'flagfile', 'output', 'model', 'task')}
-               for run in runs],
+      'runs': entries,
   }
+  if spec.get('train') is not None:
+    manifest['train'] = spec['train']
   results.write_json_atomic(os.path.join(out, 'manifest.json'), manifest)
   return manifest
 
 
 def run_local(runs, python=sys.executable):
-  """Runs each flagfile in turn with `python -m rain_jax.run`; returns failed run names."""
+  """Runs each run's stages in turn (`python -m rain_jax.run --flagfile=...`, and for a
+  chain rain_jax.train and the distilled run); a failed stage ends its run's chain.
+  Returns the failed runs' names (with the stage, for a chain)."""
   failed = []
   for number, run in enumerate(runs, 1):
-    print(f'[sweep {number}/{len(runs)}] {run["name"]}', file=sys.stderr, flush=True)
-    result = subprocess.run([python, '-m', 'rain_jax.run', f'--flagfile={run["flagfile"]}'],
-                            cwd=REPO, check=False)
-    if result.returncode != 0:
-      print(f'[sweep] {run["name"]} failed with exit status {result.returncode}',
-            file=sys.stderr, flush=True)
-      failed.append(run['name'])
+    chain = stages(run)
+    for stage, module, flagfile, _ in chain:
+      label = run['name'] if len(chain) == 1 else f'{run["name"]} ({stage})'
+      print(f'[sweep {number}/{len(runs)}] {label}', file=sys.stderr, flush=True)
+      result = subprocess.run([python, '-m', module, f'--flagfile={flagfile}'], cwd=REPO,
+                              check=False)
+      if result.returncode != 0:
+        print(f'[sweep] {label} failed with exit status {result.returncode}',
+              file=sys.stderr, flush=True)
+        failed.append(label)
+        break
   return failed
 
 
@@ -493,7 +647,39 @@ RUN_BLOCK = """    say {what}' started'
     rc=$?
     say {what}" ended, exit status $rc"
     if [ $rc -ne 0 ]; then failed=$((failed + 1)); fi"""
+# A stage of a chain (generate, train, distilled) runs only when the one before succeeded.
+STAGE_BLOCK = """    if [ $rc -eq 0 ]; then
+      say {what}' started'
+      {command}
+      rc=$?
+      say {what}" ended, exit status $rc"
+    fi"""
 STATUS_TAIL_LINES = 5
+
+
+def stage_command(python, module, flagfile, run, output, index, count, distributed):
+  """The launcher's command of one stage of `run` on shard `index` of `count`."""
+  q = shlex.quote
+  if module == 'rain_jax.train':  # trains on this shard's results file
+    return (f'{python} -m rain_jax.train --flagfile={q(flagfile)} '
+            f'--data={q(shard_output(run["output"], index, count))}')
+  return (f'{python} -m {module} --flagfile={q(flagfile)}{distributed} '
+          f'--shard_index={index} --num_shards={count} '
+          f'--output={q(shard_output(output, index, count))}')
+
+
+def check_chain_slices(tpu_names, tpu_slice: Slice):
+  """SpecError unless a sweep with a training stage fits its TPU VMs: one, of one host
+  (rain_jax.train reads every answer of its run on every host; only worker 0 of one TPU
+  VM holds them)."""
+  if len(tpu_names) > 1:
+    raise SpecError(f'a sweep with a training stage runs on one TPU VM, not '
+                    f'{len(tpu_names)}: training needs every answer of its run, and each '
+                    f'TPU VM keeps its shard on its own worker 0')
+  if tpu_slice.hosts > 1:
+    raise SpecError(f'a sweep with a training stage needs a one-host slice, not '
+                    f'{tpu_slice.accelerator_type} ({tpu_slice.hosts} hosts): only worker 0 '
+                    f'holds the results that rain_jax.train reads on every host')
 
 
 def launcher_script(runs, sweep_name, tpu, index, count, tpu_slice, python, out):
@@ -503,12 +689,21 @@ def launcher_script(runs, sweep_name, tpu, index, count, tpu_slice, python, out)
   distributed = ' --distributed' if tpu_slice.hosts > 1 else ''
   blocks = []
   for number, run in enumerate(runs, 1):
-    command = (f'{python} -m rain_jax.run --flagfile={q(run["flagfile"])}{distributed} '
-               f'--shard_index={index} --num_shards={count} '
-               f'--output={q(shard_output(run["output"], index, count))}')
+    chain = stages(run)
     what = f'run {number} of {len(runs)}: {run["name"]}'
-    blocks.append(RUN_BLOCK.format(what=q(what), command=command))
-  outputs = ' '.join(q(shard_output(run['output'], index, count)) for run in runs)
+    commands = [(stage, stage_command(python, module, flagfile, run, output, index, count,
+                                      distributed))
+                for stage, module, flagfile, output in chain]
+    if len(chain) == 1:
+      blocks.append(RUN_BLOCK.format(what=q(what), command=commands[0][1]))
+      continue
+    blocks.append('    rc=0')
+    blocks += [STAGE_BLOCK.format(what=q(f'{what}, {stage}'), command=command)
+               for stage, command in commands]
+    blocks.append('    if [ $rc -ne 0 ]; then failed=$((failed + 1)); fi')
+  outputs = ' '.join(q(shard_output(output, index, count))
+                     for run in runs for stage, _, _, output in stages(run)
+                     if stage != 'train')
   return LAUNCHER.format(sweep=sweep, tpu=tpu, accelerator_type=tpu_slice.accelerator_type,
                          hosts=tpu_slice.hosts, index=index, count=count,
                          path=launcher_path(out, tpu), outputs=outputs,
@@ -571,6 +766,7 @@ def tpu_commands(runs, out, tpu_names, zone, tpu_slice, remote_dir, python,
 
   job = (f'one JAX job over its {tpu_slice.hosts} hosts' if tpu_slice.hosts > 1
          else 'one host')
+  chained = [run for run in runs if run.get('train')]
   sections = {
       'create': (f'Create the TPU VMs ({tpu_slice.accelerator_type}: {tpu_slice.chips} '
                  f'chips, {tpu_slice.hosts} host(s) each); delete them when done with '
@@ -594,16 +790,28 @@ def tpu_commands(runs, out, tpu_names, zone, tpu_slice, remote_dir, python,
       'launch': (f'Launch, detached (returns at once; the runs outlive the SSH session): '
                  f'TPU VM i is shard i of {count}, {job}. Per host the log is '
                  f'~/rain_jax_logs/<sweep>.<hostname>.log. After a failure or a stop, '
-                 f'launch again: every run resumes where its results file ends.',
+                 f'launch again: every run resumes where its results file ends'
+                 + (' (a chain\'s training where its last checkpoint is)' if chained
+                    else '') + '.',
                  [on_workers(tpu, 'start') for tpu in tpu_names]),
       'status': ('Status: per host, running or not, the last lines of its log, records '
                  'so far (worker 0 writes them).',
                  [on_workers(tpu, 'status') for tpu in tpu_names]),
       'fetch': ('Fetch the results (worker 0 of each TPU VM holds its shard) into '
-                f'{out}/results/.',
+                f'{out}/results/' + (
+                    f', and each run\'s training record ({", ".join(TRAIN_RECORDS)}; '
+                    f'not the weights) into {out}/train/<run>/ (summary.json once the '
+                    f'training has ended)' if chained else '') + '.',
                 [f'gcloud compute tpus tpu-vm scp --recurse '
                  f'{q(f"{tpu}:{remote_out}/results")} {q(out + "/")} {zone_flag} '
-                 f'--worker=0' for tpu in tpu_names]),
+                 f'--worker=0' for tpu in tpu_names]
+                + [line for tpu in tpu_names for run in chained for line in (
+                    f'mkdir -p {q(os.path.join(out, "train", run["name"]))}',
+                    'gcloud compute tpus tpu-vm scp ' + ' '.join(
+                        q(f'{tpu}:{remote_out}/train/{run["name"]}/{name}')
+                        for name in TRAIN_RECORDS)
+                    + f' {q(os.path.join(out, "train", run["name"]) + "/")} {zone_flag} '
+                    f'--worker=0')]),
       'stop': ('Stop the runs on every worker (the launch step resumes them).',
                [on_workers(tpu, 'stop') for tpu in tpu_names]),
       'report': ('Report, here, from the fetched results (and the manifest\'s settings).',
@@ -628,6 +836,9 @@ def define_flags():
   flags.DEFINE_string('grid', None, 'JSON grid spec (see the module docstring).')
   flags.DEFINE_multi_string('axis', [], 'name=v1,v2,...: an axis of flag values.')
   flags.DEFINE_multi_string('set', [], 'name=value: a flag shared by every run.')
+  flags.DEFINE_multi_string('train', [], 'name=value: a flag of python -m rain_jax.train; '
+                            'gives every run a training stage and a distilled stage (see '
+                            'the module docstring; the grid\'s "train" object does too).')
   flags.DEFINE_string('name', None, 'Sweep name (default: the grid\'s, or the folder name).')
   flags.DEFINE_string('checkpoint_root', None, 'Folder holding one weights folder per model.')
   flags.DEFINE_enum('checkpoint_format', 'orbax', ['orbax', 'hf'], 'What the folders under '
@@ -659,13 +870,20 @@ def main(argv):
     raise app.UsageError('--out is required')
   try:
     spec = load_spec(FLAGS.grid, FLAGS.axis, FLAGS.set, FLAGS.name,
-                     default_name=os.path.basename(os.path.normpath(FLAGS.out)))
+                     default_name=os.path.basename(os.path.normpath(FLAGS.out)),
+                     train_flags=FLAGS.train)
     runs = expand(spec, FLAGS.out, FLAGS.checkpoint_root, FLAGS.checkpoint_format)
     commands = None
     if FLAGS.run == 'print':
       check_tpu_args(FLAGS.out, FLAGS.tpu_names, FLAGS.zone, FLAGS.remote_dir)
       tpu_slice = parse_slice(FLAGS.accelerator_type, FLAGS.hosts_per_tpu)
+      if spec['train'] is not None:
+        check_chain_slices(FLAGS.tpu_names, tpu_slice)
       fit_runs(runs, tpu_slice, FLAGS.replicas_per_tpu)
+    if spec['train'] is not None:
+      add_chain(runs, spec['train'], FLAGS.out)
+      check_train_flags(runs)
+    if FLAGS.run == 'print':
       steps = STEPS if FLAGS.print_step == 'all' else (FLAGS.print_step,)
       commands = tpu_commands(runs, FLAGS.out, FLAGS.tpu_names, FLAGS.zone, tpu_slice,
                               FLAGS.remote_dir, FLAGS.python, steps)
