@@ -72,7 +72,8 @@ flags.DEFINE_integer('seed', 0, 'Seed of the batch order and of the LoRA initial
 flags.DEFINE_integer('length_bucket', 64, 'Row widths round up to a multiple of this.')
 flags.DEFINE_string('output', None, 'Output folder (created; a restart continues it).')
 
-# Flags that decide what is trained: a restart must give the same ones.
+# Flags that decide what is trained: a restart must give the same ones (and --data must
+# make the same examples: train_config.json keeps their digest).
 RUN_FLAGS = ('model', 'checkpoint', 'hf_dir', 'gguf', 'dtype', 'param_dtype', 'data', 'task',
              'objective', 'pair_scores', 'min_score_margin', 'heldout_fraction', 'steps',
              'batch_size', 'grad_accum', 'learning_rate', 'warmup_steps', 'weight_decay',
@@ -142,6 +143,9 @@ def check_or_write_config(output, config, data_summary):
       saved = json.load(f)
     diffs = [f'--{k}: {saved["config"].get(k)!r} -> {v!r}' for k, v in config.items()
              if saved['config'].get(k) != v]
+    if saved['data'].get('digest') != data_summary['digest']:
+      diffs.append(f'the --data files now make other examples ({saved["data"].get("examples")}'
+                   f' -> {data_summary["examples"]})')
     if diffs:
       raise InputError(f'--output {output} was trained with other settings ('
                        + '; '.join(diffs) + '); use a new --output')
@@ -223,7 +227,8 @@ def _load_data(tokenizer, vocab_size, config_max_len):
   return train, heldout, width, answer_width, {
       'files': paths, 'task': records[0]['task'], 'records': len(records),
       'examples': len(examples), 'train': len(train), 'heldout': len(heldout),
-      'heldout_ids': [e.id for e in heldout], 'width': width, 'answer_width': answer_width}
+      'heldout_ids': [e.id for e in heldout], 'width': width, 'answer_width': answer_width,
+      'digest': train_data.digest(examples)}
 
 
 def _train():

@@ -180,6 +180,14 @@ def split(examples, heldout_fraction):
   return train, heldout
 
 
+def digest(examples) -> str:
+  """SHA-256 over the examples' ids and tokens: equal digests, equal training data."""
+  h = hashlib.sha256()
+  for e in examples:
+    h.update(repr((e.id, e.chosen, e.rejected)).encode())
+  return h.hexdigest()
+
+
 def sequences(example: Example, objective: str) -> list:
   """The rows an example contributes: [chosen] (SFT) or [chosen, rejected] (DPO)."""
   return [example.chosen] if objective == 'sft' else [example.chosen, example.rejected]

@@ -216,7 +216,7 @@ def train_step(config, settings: Settings, state: TrainState, frozen, batch):
   updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
   trainable = optax.apply_updates(state.trainable, updates)
   terms = jax.tree.map(jnp.sum, terms)
-  metrics = {'loss': jnp.sum(losses), 'grad_norm': optax.global_norm(grads),
+  metrics = {'loss': jnp.sum(losses), 'grad_norm': optax.tree.norm(grads),
              'learning_rate': learning_rate_schedule(settings)(state.step),
              'tokens': terms['tokens'], 'nll_per_token': terms['nll'] / terms['tokens']}
   if settings.objective == 'dpo':
