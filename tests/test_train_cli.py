@@ -62,10 +62,14 @@ def metric_rows(output, split='train'):
   return [r for r in rows if r['split'] == split]
 
 
+# One case runs by default (each is a JAX process start); the messages themselves are
+# checked in process by tests/test_train_data.py.
 @pytest.mark.parametrize('case, message', [
     ('not_results', 'not a rain_jax.run results file'),
-    ('other_task', "holds prompts of task 'custom', not of --task=hh"),
-    ('no_pairs', 'none of the 3 prompts with both answers makes a pair'),
+    pytest.param('other_task', "holds prompts of task 'custom', not of --task=hh",
+                 marks=pytest.mark.slow),
+    pytest.param('no_pairs', 'none of the 3 prompts with both answers makes a pair',
+                 marks=pytest.mark.slow),
 ])
 def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_llama_32k_dir, case, message):
   data = tmp_path / 'data.jsonl'
@@ -92,6 +96,7 @@ def test_bad_data_is_one_line_and_writes_nothing(tmp_path, tiny_llama_32k_dir, c
   assert not output.exists()
 
 
+@pytest.mark.slow  # three training runs (~1 min on this machine's 2 cores)
 def test_kill_9_resumes_the_curve_and_exports_the_trained_model(tmp_path, tiny_llama_32k_dir):
   data = results_file(tmp_path / 'data.jsonl')
   flags = ['--steps=150', '--save_every=10', '--eval_every=100', '--seed=4']

@@ -1,6 +1,10 @@
 """The fine-tuning step (rain_jax/training.py) on a tiny random LLaMA, against oracles:
 a plain-numpy LLaMA and loss (tests/numpy_llama.py), finite differences, the merged
-LoRA model, and one batch against its accumulated micro-batches."""
+LoRA model, and one batch against its accumulated micro-batches. The default suite runs
+one of each kind; the DPO and LoRA variants of the step tests are marked slow (each is a
+fresh compile)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +63,7 @@ def settings(objective, spec=None, **kw):
                            total_steps=kw.pop('total_steps', 100), lora=spec, **kw)
 
 
+@functools.partial(jax.jit, static_argnames=('objective', 'spec', 'beta'))
 def step_loss(objective, params, rows, spec=None, beta=0.1):
   """The step loss of one batch (batch_terms normalised by its own totals)."""
   s = settings(objective, spec, beta=beta)
@@ -67,13 +72,13 @@ def step_loss(objective, params, rows, spec=None, beta=0.1):
   return training.step_loss(terms, total, objective)
 
 
+@pytest.mark.slow  # the SFT and DPO loss tests below compare through the same oracle
 def test_numpy_oracle_agrees_with_the_model():
   params = base_params()
   tokens = [5, 17, 99, 3, 64, 2, 77]
-  ours, _ = llama.sequence_forward(CONFIG, params, jnp.asarray([tokens]),
-                                   jnp.arange(len(tokens))[None],
-                                   training.causal_mask(jnp.asarray([len(tokens)]),
-                                                        len(tokens)))
+  mask = training.causal_mask(jnp.asarray([len(tokens)]), len(tokens))
+  ours, _ = jax.jit(llama.sequence_forward, static_argnums=0)(
+      CONFIG, params, jnp.asarray([tokens]), jnp.arange(len(tokens))[None], mask)
   np.testing.assert_allclose(np.asarray(ours[0]), numpy_llama.logits(CONFIG, params, tokens),
                              atol=2e-4, rtol=1e-4)
 
@@ -122,7 +127,7 @@ def directional_check(loss_fn, params, seed, eps=3e-2):
   return analytic, numeric
 
 
-@pytest.mark.parametrize('objective', ['sft', 'dpo'])
+@pytest.mark.parametrize('objective', ['sft', pytest.param('dpo', marks=pytest.mark.slow)])
 def test_gradients_equal_finite_differences(objective):
   params, exs = base_params(), examples(4, seed=5, pairs=objective == 'dpo')
   ref = np.array([-20.0, -25.0, -18.0, -30.0, -22.0, -19.0, -27.0, -21.0])[:2 * len(exs)]
@@ -135,11 +140,13 @@ def test_gradients_equal_finite_differences(objective):
     assert numeric == pytest.approx(analytic, rel=1e-2, abs=1e-4), seed
 
 
+@pytest.mark.slow
 def test_lora_gradients_equal_finite_differences():
   spec = lora.LoraSpec(rank=4, alpha=8.0, targets=('wq', 'wv', 'w_down'))
   trainable, frozen = training.split_params(with_updates(base_params(), spec), spec)
   rows = rows_of(examples(4, seed=6), 'sft')
-  loss_fn = jax.jit(lambda t: step_loss('sft', training.join_params(t, frozen), rows, spec))
+  loss_fn = jax.jit(lambda t: step_loss('sft', training.join_params(t, frozen), rows,
+                                        spec=spec))
   for seed in range(2):
     analytic, numeric = directional_check(loss_fn, trainable, seed)
     assert abs(analytic) > 1e-4
@@ -152,15 +159,16 @@ def test_lora_forward_equals_the_merged_model():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 10)))
   positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
   mask = training.causal_mask(jnp.asarray([10, 7]), 10)
-  with_lora, _ = llama.sequence_forward(CONFIG, params, tokens, positions, mask, lora=spec)
+  forward = jax.jit(llama.sequence_forward, static_argnums=0, static_argnames='lora')
+  with_lora, _ = forward(CONFIG, params, tokens, positions, mask, lora=spec)
   merged = lora.merge(params, spec)
   assert not any(lora.is_lora_path(p) for p in traverse_util.flatten_dict(merged))
-  plain, _ = llama.sequence_forward(CONFIG, merged, tokens, positions, mask)
-  unchanged, _ = llama.sequence_forward(CONFIG, base_params(), tokens, positions, mask)
+  plain, _ = forward(CONFIG, merged, tokens, positions, mask)
+  unchanged, _ = forward(CONFIG, base_params(), tokens, positions, mask)
   np.testing.assert_allclose(np.asarray(with_lora), np.asarray(plain), atol=2e-5, rtol=1e-5)
   assert np.abs(np.asarray(with_lora) - np.asarray(unchanged)).max() > 1e-2
   # The cached decoding path reads the merged weights like any checkpoint.
-  cached, _, _ = llama.forward(CONFIG, merged, tokens, positions,
+  cached, _, _ = jax.jit(llama.forward, static_argnums=0)(CONFIG, merged, tokens, positions,
                                llama.init_cache(CONFIG, 2, 10), jnp.zeros((2,), jnp.int32), mask)
   np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=2e-5, rtol=1e-5)
 
@@ -194,21 +202,28 @@ def run_steps(objective, exs, accumulation, steps, spec=None, learning_rate=1e-3
   state = jax.jit(lambda t: training.init_state(s, t), out_shardings=state_sh)(trainable)
   frozen = jax.device_put(frozen, frozen_sh)
   batch = jax.device_put(batch, batch_sh)
-  losses = []
+  losses, grad_norms = [], []
   for _ in range(steps):
     state, metrics = compiled(state, frozen, batch)
     losses.append(float(metrics['loss']))
+    grad_norms.append(float(metrics['grad_norm']))
+  run_steps.grad_norms = grad_norms
   return losses, jax.device_get(state.trainable)
 
 
-@pytest.mark.parametrize('objective', ['sft', 'dpo'])
+@pytest.mark.parametrize('objective', ['sft', pytest.param('dpo', marks=pytest.mark.slow)])
 def test_accumulated_micro_batches_equal_one_batch(objective):
   exs = examples(4, seed=7, pairs=objective == 'dpo')
   one_loss, one_params = run_steps(objective, exs, 1, 3)
+  one_norms = run_steps.grad_norms
   acc_loss, acc_params = run_steps(objective, exs, 2, 3)
   np.testing.assert_allclose(acc_loss, one_loss, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(run_steps.grad_norms, one_norms, rtol=1e-5)
+  # Adam's first steps move every weight by about the learning rate whatever the size of
+  # its gradient, so a near-zero gradient's rounding can change a weight by up to ~1e-4
+  # (lr 1e-3): the weights agree to that, the losses and gradient norms above to 1e-5.
   for a, b in zip(jax.tree.leaves(acc_params), jax.tree.leaves(one_params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)  # Adam: near-zero gradients
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
   assert one_loss[-1] < one_loss[0]
 
 
@@ -218,6 +233,7 @@ def test_sft_overfits_a_fixed_batch():
   assert losses[-1] < 0.05, losses[::10]
 
 
+@pytest.mark.slow
 def test_lora_training_moves_only_the_updates():
   spec = lora.LoraSpec(rank=2, alpha=4.0)
   losses, trainable = run_steps('sft', examples(4, seed=9), 1, 30, spec=spec,
