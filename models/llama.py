@@ -201,7 +201,10 @@ def projection(config: LlamaConfig, lora, x, features: int, name: str):
   dtype, param_dtype = as_dtype(config.dtype), as_dtype(config.param_dtype)
   y = nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name)(x)
   if lora is not None and name in lora.targets:
-    y = y + LowRank(features, lora.rank, lora.scale, dtype, param_dtype,
+    # The updates are float32 whatever the base weights' dtype: they are small, and the
+    # optimizer needs their precision (a bf16 base with float32 updates is the usual
+    # large-model LoRA).
+    y = y + LowRank(features, lora.rank, lora.scale, dtype, jnp.float32,
                     name=f'{name}_lora')(x)
   return y
 
