@@ -227,6 +227,7 @@ def test_accumulated_micro_batches_equal_one_batch(objective):
   assert one_loss[-1] < one_loss[0]
 
 
+@pytest.mark.slow
 def test_sft_overfits_a_fixed_batch():
   losses, _ = run_steps('sft', examples(4, seed=8), 1, 80, learning_rate=1e-2)
   assert losses[0] > 3.0
