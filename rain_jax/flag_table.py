@@ -168,6 +168,14 @@ TABLE = (
 )
 
 
+# The flags that name and place a model: `python -m rain_jax.train` takes them as run
+# does, and a sweep passes a run's values on to its training stage.
+MODEL_FLAGS = ('model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'dtype', 'scan_layers',
+               'mesh', 'compilation_cache')
+DISTRIBUTED_FLAGS = ('distributed', 'coordinator_address', 'num_processes', 'process_id',
+                     'peer_timeout_seconds')
+
+
 def names_with_role(role: str) -> frozenset:
   """Names of the flags whose role is `role` (ANSWER, SELECTION or OPERATIONAL)."""
   if role not in ROLES:

@@ -31,10 +31,7 @@ from absl import app, flags, logging
 from rain_jax import flag_table
 
 FLAGS = flags.FLAGS
-MODEL_FLAGS = ('model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'dtype', 'scan_layers',
-               'mesh', 'compilation_cache', 'distributed', 'coordinator_address',
-               'num_processes', 'process_id', 'peer_timeout_seconds')
-flag_table.define_flags(FLAGS, names=MODEL_FLAGS)
+flag_table.define_flags(FLAGS, names=flag_table.MODEL_FLAGS + flag_table.DISTRIBUTED_FLAGS)
 flags.DEFINE_enum('param_dtype', 'float32', ['float32', 'bfloat16'], 'Dtype of the '
                   'trained weights and optimizer state (float32: master weights; the '
                   'compute dtype is --dtype).')
@@ -289,35 +286,31 @@ def _train():
   step_memory = programs.MemoryUse.of(compiled).as_gib()
   logging.info('train step compiled in %.1f s: %s', compile_seconds, step_memory)
 
-  # Weights: the starting model on its shardings; LoRA updates added fresh.
-  base_shapes = (traverse_util.unflatten_dict(
-      {p: v for p, v in traverse_util.flatten_dict(full_shapes).items()
-       if not lora_lib.is_lora_path(p)}))
-  base = loading.load_params(model, training.tree_shardings(base_shapes, mesh, config.head_dim))
+  # Weights: the starting model on the step's shardings (the frozen part's for LoRA, the
+  # trainable part's for a full fine-tune); LoRA updates added fresh.
+  base_sh = frozen_sh if settings.lora else state_sh.trainable
+  frozen = loading.load_params(model, base_sh)
   if settings.lora:
     updates = lora_lib.init_updates(config, settings.lora, jax.random.PRNGKey(FLAGS.seed))
-    flat_sh = traverse_util.flatten_dict(training.tree_shardings(full_shapes, mesh,
-                                                                 config.head_dim))
-    updates = {p: jax.device_put(v, flat_sh[p]) for p, v in updates.items()}
-    full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(base), **updates})
+    trainable = jax.device_put(traverse_util.unflatten_dict(updates), state_sh.trainable)
   else:
-    full = base
-  trainable, frozen = training.split_params(full, settings.lora)
-  del full, base
+    trainable, frozen = frozen, {}
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows_spec = lambda n: jax.sharding.NamedSharding(mesh, training.batch_spec(mesh, n, 0))
 
   def put(arrays, leading):
     """Host numpy batch arrays -> global arrays on their shardings (every process holds
     the same numpy arrays; each places its devices' rows)."""
-    out = {}
-    for name, value in arrays.items():
-      sh = (replicated if name == 'pair_weights' else
-            jax.sharding.NamedSharding(mesh, training.batch_spec(mesh, value.shape[leading],
-                                                                 leading)))
-      out[name] = jax.make_array_from_callback(value.shape, sh, lambda i, v=value: v[i])
-    return out
+    shardings = training.batch_shardings(mesh, arrays, leading)
+    return {name: jax.make_array_from_callback(value.shape, shardings[name],
+                                               lambda i, v=value: v[i])
+            for name, value in arrays.items()}
+
+  def padded_chunks(examples, size):
+    """(chunk, chunk padded to `size` with copies of its first example) of `examples`."""
+    for i in range(0, len(examples), size):
+      chunk = examples[i:i + size]
+      yield chunk, chunk + [chunk[0]] * (size - len(chunk))
 
   # DPO: the reference model's log probabilities, once, with the starting weights.
   reference = {}
@@ -325,12 +318,10 @@ def _train():
   if settings.objective == 'dpo':
     score = jax.jit(lambda params, rows: training.sequence_logprobs(config, params, rows),
                     out_shardings=replicated)
-    # The starting model: the base weights (fresh LoRA updates are zero, b = 0).
-    start_params = training.join_params(trainable, frozen)
+    # The starting model is the base weights (fresh LoRA updates are zero, b = 0).
+    start_params = frozen if settings.lora else trainable
     for examples in (train, heldout):
-      for i in range(0, len(examples), micro):
-        chunk = examples[i:i + micro]
-        padded = chunk + [chunk[0]] * (micro - len(chunk))
+      for chunk, padded in padded_chunks(examples, micro):
         arrays = train_data.encode_examples(padded, 'dpo', width, answer_width)
         logp = np.asarray(score(start_params, put(arrays, 0)).addressable_data(0))
         for j, e in enumerate(chunk):
@@ -364,11 +355,8 @@ def _train():
     """Held-out sums -> {'nll_per_token', 'loglik_per_token', and DPO 'loss', ...}."""
     if not heldout:
       return None
-    size = eval_rows // rows_per_example
     totals = {}
-    for i in range(0, len(heldout), size):
-      chunk = heldout[i:i + size]
-      padded = chunk + [chunk[0]] * (size - len(chunk))
+    for chunk, padded in padded_chunks(heldout, eval_rows // rows_per_example):
       arrays = encode(padded)
       if settings.objective == 'sft':
         arrays['weights'][len(chunk):] = 0.0
@@ -446,8 +434,7 @@ def _train():
   params = training.join_params(state.trainable, frozen)
   if settings.lora:
     params = jax.jit(lambda p: lora_lib.merge(p, settings.lora),
-                     out_shardings=training.tree_shardings(base_shapes, mesh,
-                                                           config.head_dim))(params)
+                     out_shardings=base_sh)(params)
   if os.path.exists(model_dir):
     import shutil
     if writes:

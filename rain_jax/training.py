@@ -255,8 +255,9 @@ def state_shardings(settings: Settings, trainable_shapes, trainable_shardings, m
   """TrainState of NamedShardings: optimizer moments sharded like their parameters,
   counters replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_shapes = jax.eval_shape(make_optimizer(settings).init, trainable_shapes)
-  opt = optax.tree_map_params(make_optimizer(settings), lambda _, s: s, opt_shapes,
+  optimizer = make_optimizer(settings)
+  opt_shapes = jax.eval_shape(optimizer.init, trainable_shapes)
+  opt = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes,
                               trainable_shardings,
                               transform_non_params=lambda _: replicated)
   return TrainState(step=replicated, trainable=trainable_shardings, opt_state=opt)

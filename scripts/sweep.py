@@ -111,8 +111,7 @@ FLAGS = flags.FLAGS
 WEIGHT_FLAGS = flag_table.WEIGHT_FLAGS
 WEIGHTS_COMMENT = re.compile(r'^#\s*weights:\s*(\S+)\s*$')
 # The run's flags that the training stage takes over (rain_jax.train defines them too).
-TRAIN_MODEL_FLAGS = ('model', 'checkpoint', 'hf_dir', 'gguf', 'tokenizer', 'dtype',
-                     'scan_layers', 'mesh', 'compilation_cache')
+TRAIN_MODEL_FLAGS = flag_table.MODEL_FLAGS
 # Flags of the training stage that the sweep sets itself.
 TRAIN_STAGE_FLAGS = ('data', 'output')
 DISTILLED_SUFFIX = '.distilled'
