@@ -9,12 +9,13 @@ Parameter names and layouts are documented in docs/engine.md §1.
 """
 import dataclasses
 import json
-from typing import Any
+from typing import Any, NamedTuple, Optional, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -214,11 +215,13 @@ class Attention(nn.Module):
   lora: Any = None
 
   @nn.compact
-  def __call__(self, x, cos, sin, cache, layer, write_index, attn_mask):
-    """x: [B, T, H] -> ([B, T, H], cache with this layer's new keys/values written).
+  def __call__(self, x, cos, sin, caches, layer, write_indices, attn_masks):
+    """x: [B, T, H] -> ([B, T, H], caches with this layer's new keys/values written).
 
-    cache None (whole-sequence mode, training): the T new tokens attend only to each
-    other (attn_mask [B, T, T]) and nothing is stored."""
+    caches: a tuple of G KVCaches; the T tokens are G consecutive groups, group g
+    (attn_masks[g]: [B, T_g, S_g]) written into caches[g] at write_indices[g] and
+    attending only caches[g]. caches None (whole-sequence mode, training): the T tokens
+    attend only to each other (attn_masks: one [B, T, T]) and nothing is stored."""
     c = self.config
     dense = lambda n, name, inputs: projection(c, self.lora, inputs, n, name)
     b, t, _ = x.shape
@@ -229,15 +232,22 @@ class Attention(nn.Module):
                                                              c.head_dim)
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
-    if cache is None:
+    if caches is None:
       keys, values = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KVH, T, D]
+      out = attention_scores_to_output(q, keys, values, attn_masks, c.num_kv_heads)
     else:
-      cache = KVCache(k=write_cache_rows(cache.k, k, layer, write_index),
-                      v=write_cache_rows(cache.v, v, layer, write_index))
-      keys, values = cache.k[layer], cache.v[layer]
-    out = attention_scores_to_output(q, keys, values, attn_mask, c.num_kv_heads)
+      outs, written, start = [], [], 0
+      for cache, write_index, mask in zip(caches, write_indices, attn_masks):
+        end = start + mask.shape[1]
+        cache = KVCache(k=write_cache_rows(cache.k, k[:, start:end], layer, write_index),
+                        v=write_cache_rows(cache.v, v[:, start:end], layer, write_index))
+        outs.append(attention_scores_to_output(q[:, start:end], cache.k[layer],
+                                               cache.v[layer], mask, c.num_kv_heads))
+        written.append(cache)
+        start = end
+      out, caches = jnp.concatenate(outs, axis=1), tuple(written)
     out = dense(c.hidden_size, 'wo', out.reshape(b, t, c.num_heads * c.head_dim))
-    return out, cache
+    return out, caches
 
 
 class MLP(nn.Module):
@@ -259,7 +269,7 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, carry, cos, sin, write_index, attn_mask):
-    x, cache, layer = carry
+    x, cache, layer = carry  # cache: a tuple of KVCaches (see Attention) or None
     c = self.config
     norm = lambda name: RMSNorm(c.rms_eps, as_dtype(c.dtype), as_dtype(c.param_dtype),
                                 name=name)
@@ -281,7 +291,13 @@ class Llama(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions, cache, write_index, attn_mask, logits_index=None):
+    """cache, write_index, attn_mask: one KVCache with its [B] / [B, T] write index and
+    [B, T, S] mask, or tuples of them (the T tokens are consecutive groups, one per
+    cache; see `forward_many`), or cache None (whole sequences, no cache)."""
     c = self.config
+    single = isinstance(cache, KVCache)
+    if single:
+      cache, write_index, attn_mask = (cache,), (write_index,), (attn_mask,)
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=as_dtype(c.dtype),
                      param_dtype=as_dtype(c.param_dtype),
                      embedding_init=nn.initializers.normal(0.02), name='embed')
@@ -313,7 +329,7 @@ class Llama(nn.Module):
                           (c.hidden_size, c.vocab_size), as_dtype(c.param_dtype))
       logits = jnp.einsum('bth,hv->btv', read, kernel.astype(hidden.dtype),
                           preferred_element_type=jnp.float32)
-    return logits, hidden, cache
+    return logits, hidden, (cache[0] if single else cache)
 
 
 def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, write_index,
@@ -336,6 +352,41 @@ def forward(config: LlamaConfig, params, tokens, positions, cache: KVCache, writ
   """
   return Llama(config).apply({'params': params}, tokens, positions, cache, write_index,
                              attn_mask, logits_index)
+
+
+class Feed(NamedTuple):
+  """The arguments of one `forward` call over one cache (see `forward`); logits_index
+  None reads the logits at every fed token."""
+  tokens: jax.Array
+  positions: jax.Array
+  cache: KVCache
+  write_index: jax.Array
+  attn_mask: jax.Array
+  logits_index: Optional[jax.Array] = None
+
+
+def forward_many(config: LlamaConfig, params, feeds: Sequence[Feed]):
+  """Several `forward` calls over different caches as one pass through the layers.
+
+  Every feed has the same B rows; their tokens are concatenated along T, so the weights
+  are read once for all of them (a RAIN simulation feeds the policy's cache and the
+  judge's in the same pass), while each feed's tokens write and attend only their own
+  cache, under their own mask. Returns one (logits, hidden, cache) per feed, each what
+  `forward` returns for that feed alone (to float rounding of the shared matmuls).
+  """
+  offsets = np.cumsum([0] + [f.tokens.shape[1] for f in feeds])
+  index = jnp.concatenate(
+      [(jnp.broadcast_to(jnp.arange(f.tokens.shape[1]), f.tokens.shape)
+        if f.logits_index is None else f.logits_index) + offset
+       for f, offset in zip(feeds, offsets)], axis=1)
+  logits, hidden, caches = Llama(config).apply(
+      {'params': params}, jnp.concatenate([f.tokens for f in feeds], axis=1),
+      jnp.concatenate([f.positions for f in feeds], axis=1), tuple(f.cache for f in feeds),
+      tuple(f.write_index for f in feeds), tuple(f.attn_mask for f in feeds), index)
+  reads = np.cumsum([0] + [f.tokens.shape[1] if f.logits_index is None
+                           else f.logits_index.shape[1] for f in feeds])
+  return tuple((logits[:, reads[g]:reads[g + 1]], hidden[:, offsets[g]:offsets[g + 1]],
+                caches[g]) for g in range(len(feeds)))
 
 
 def sequence_forward(config: LlamaConfig, params, tokens, positions, attn_mask,

@@ -228,8 +228,12 @@ def llama_model_fns(config, mesh=None):
     return llama.forward(config, params, tokens, positions, cache, write_index, mask,
                          logits_index)
 
+  def forward_many(params, feeds):
+    return llama.forward_many(config, params, feeds)
+
   return kvcache.ModelFns(forward=forward, init_cache=init_cache,
-                          vocab_size=config.vocab_size, hidden_size=config.hidden_size)
+                          vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                          forward_many=forward_many)
 
 
 def judge_prompt_ids(tok, task, example) -> list[int]:

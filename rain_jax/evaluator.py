@@ -19,6 +19,7 @@ K candidates, C max children, D max depth (paths hold D + 1 nodes, root first),
 P_cap path slots, G generated buffer (answer + path + rollout), E embedding width.
 """
 import dataclasses
+import functools
 from typing import Any
 
 import flax
@@ -69,6 +70,14 @@ class Leaves:
   depth_limited: jax.Array
   active: jax.Array
   sim: jax.Array
+
+
+def _concat_feeds(a: kvcache.Feed, b: kvcache.Feed) -> kvcache.Feed:
+  """Two feeds into the same cache as one ([B, T] write indices, logits everywhere)."""
+  join = lambda x, y: jnp.concatenate([x, y], axis=1)
+  return kvcache.Feed(tokens=join(a.tokens, b.tokens), positions=join(a.positions, b.positions),
+                      cache=None, write_index=join(a.write_index, b.write_index),
+                      attn_mask=join(a.attn_mask, b.attn_mask))
 
 
 @flax.struct.dataclass
@@ -193,13 +202,23 @@ class Evaluator:
 
   def commit(self, params, tables: SearchTables, rows: RowState, tokens, lens, ok):
     """Appends tokens [R, L] (lens [R] real; rows where ok [R]) to the answer and both
-    trunks. Returns (rows, AnswerStops)."""
+    trunks (one pass per chunk feeds the policy's and a cached judge's). Returns (rows,
+    AnswerStops)."""
     cfg, layout = self.cfg, self.layout
     lens = jnp.where(ok, lens, 0)
-    cache, _, logits = kvcache.feed_tokens(
-        self.model, params, rows.cache, tokens=tokens, lengths=lens,
-        at=kvcache.after_trunk(rows.trunk_len, layout.num_slots), chunk=cfg.max_tokens_per_node)
-    judge = self.judge.commit(params, rows.judge, tokens=tokens, lens=lens, mask=ok)
+    with kvcache.phase('commit'):
+      if self._cached_judge:
+        (cache, judge_cache), _, logits = kvcache.feed_tokens_many(
+            self.model, params, (rows.cache, rows.judge.cache), tokens=tokens, lengths=lens,
+            at=(kvcache.after_trunk(rows.trunk_len, layout.num_slots),
+                self.judge.trunk_placement(rows.judge)), chunk=cfg.max_tokens_per_node)
+        judge = self.judge.committed(rows.judge, judge_cache, lens)
+      else:
+        cache, _, logits = kvcache.feed_tokens(
+            self.model, params, rows.cache, tokens=tokens, lengths=lens,
+            at=kvcache.after_trunk(rows.trunk_len, layout.num_slots),
+            chunk=cfg.max_tokens_per_node)
+        judge = self.judge.commit(params, rows.judge, tokens=tokens, lens=lens, mask=ok)
     idx = _rows(lens)
     live = jnp.arange(cfg.max_tokens_per_node)[None, :] < lens[:, None]
     dest = jnp.where(live, rows.answer_len[:, None] + jnp.arange(cfg.max_tokens_per_node),
@@ -221,57 +240,87 @@ class Evaluator:
   def evaluate(self, params, tables: SearchTables, rows: RowState, leaves: Leaves,
                embed_params=None):
     """Path feed, rollout, judgement, proposals and embeddings for one leaf per row.
-    Returns (rows with the new caches, Evaluation)."""
+    Returns (rows with the new caches, Evaluation).
+
+    Sequential model calls: the path's chunks (each fed to the policy and into a cached
+    judge's content region in one pass), then max(rollout tokens, proposal length - 1,
+    1) passes in which the rollout token, the proposal streams' tokens and the judge's
+    content token go together; the pass that feeds a row's last rollout token also
+    carries the judge's suffixes (docs/engine.md §5)."""
     cfg = self.cfg
-    cache, path_hidden, leaf_logits = self._feed_path(params, rows.cache, rows,
-                                                      leaves.path_tokens, leaves.path_len)
     gen, gen_len = self._text_to_leaf(rows, leaves)
     eos_seen = jnp.any((jnp.arange(gen.shape[1])[None, :] < gen_len[:, None])
                        & (gen == tables.eos_id), axis=1)
     marker_seen = contains_stop_sequence(gen, gen_len, tables.stop_sequences)
     terminal = self._terminal(tables, rows, leaves, eos_seen, marker_seen)
-    cache, gen, full_len, rollout_hidden, truncated = self._rollout(
-        params, tables, rows, leaves, cache, leaf_logits, (gen, gen_len, eos_seen, marker_seen))
-    value, judge = self.judge.evaluate(params, rows.judge, gen=gen, answer_len=rows.answer_len,
-                                       gen_len=full_len, active=leaves.active)
     expand = leaves.active & ~terminal & ~leaves.depth_limited
-    cache, candidates = self._leaf_candidates(params, cache, rows, leaves, leaf_logits, expand)
+    with kvcache.phase('path'):
+      cache, judge, path_hidden, leaf_logits = self._feed_path(
+          params, rows, leaves.path_tokens, leaves.path_len,
+          judge=rows.judge if self._cached_judge else None)
+    with kvcache.phase('rollout+proposals'):
+      cache, judge, out = self._rollout_and_proposals(
+          params, tables, rows, leaves, (cache, judge), leaf_logits,
+          (gen, gen_len, eos_seen, marker_seen), expand)
+    if not self._cached_judge:
+      out['value'], judge = self.judge.evaluate(params, rows.judge, gen=out['gen'],
+                                                answer_len=rows.answer_len,
+                                                gen_len=out['gen_len'], active=leaves.active)
+    candidates = self._leaf_candidates(leaves, leaf_logits, out['sequences'],
+                                       out['weights'])
     top_ids, top_logits = propose.top_logits(leaf_logits, cfg.max_children)
-    embeddings = self._node_embeddings(embed_params, rows, leaves, (gen, full_len),
-                                       path_hidden, rollout_hidden)
+    embeddings = self._node_embeddings(embed_params, rows, leaves, (out['gen'], out['gen_len']),
+                                       path_hidden, out['rollout_hidden'])
     return rows.replace(cache=cache, judge=judge), Evaluation(
-        value=value, expand=expand, candidates=candidates, top_ids=top_ids,
-        top_logits=top_logits, embeddings=embeddings, truncated=truncated)
+        value=out['value'], expand=expand, candidates=candidates, top_ids=top_ids,
+        top_logits=top_logits, embeddings=embeddings, truncated=out['truncated'])
 
   def widen(self, params, rows: RowState, query: WideningQuery):
     """Two multi-token candidates per row after the queried node's path, sampled from its
     stored top logits (§5). Returns (rows with the new cache, Candidates [R, 2, ...])."""
     cfg = self.cfg
-    cache, _, _ = self._feed_path(params, rows.cache, rows, query.path_tokens, query.path_len)
-    first = jax.vmap(lambda i, v: propose.dense_from_top(i, v, self.model.vocab_size))(
-        query.top_ids, query.top_logits)
-    num_streams = cfg.widen_attempts + 1
-    streams = Streams(
-        first_logits=first, num_tokens=token_set_len(query.step),
-        context=self._context_after_path(rows, query.path_len),
-        start_position=rows.trunk_len + query.path_len, seeds=rows.seeds, sim=query.sim,
-        codes=64 * query.step[:, None] + jnp.arange(num_streams)[None, :],
-        purpose=noise.WIDEN)
-    cache, candidates = self._propose(params, cache, streams, num_streams, 2)
-    return rows.replace(cache=cache), candidates
+    with kvcache.phase('widening'):
+      cache, _, _, _ = self._feed_path(params, rows, query.path_tokens, query.path_len)
+      first = jax.vmap(lambda i, v: propose.dense_from_top(i, v, self.model.vocab_size))(
+          query.top_ids, query.top_logits)
+      num_streams = cfg.widen_attempts + 1
+      streams = Streams(
+          first_logits=first, num_tokens=token_set_len(query.step),
+          context=self._context_after_path(rows, query.path_len),
+          start_position=rows.trunk_len + query.path_len, seeds=rows.seeds, sim=query.sim,
+          codes=64 * query.step[:, None] + jnp.arange(num_streams)[None, :],
+          purpose=noise.WIDEN)
+      cache, sequences, weights = self._decode_streams(params, cache, streams)
+    kept = jax.vmap(lambda q, w, n: propose.select_candidates(q, w, n, 2))(
+        sequences, weights, streams.num_tokens)
+    return rows.replace(cache=cache), Candidates(*kept)
 
   # ---- the steps behind them
 
-  def _feed_path(self, params, cache, rows, path_tokens, path_len):
-    """Feeds the path after the trunk: (cache, hidden [R, P_cap, H], logits [R, V] after
-    the path (the root's logits where the path is empty))."""
+  @property
+  def _cached_judge(self) -> bool:
+    """The judge keeps a KV cache (judge.TrunkCachedJudge): its feeds ride in the
+    policy's passes. A judge without one (layout None) is asked `evaluate` instead."""
+    return self.judge.layout is not None
+
+  def _feed_path(self, params, rows, path_tokens, path_len, judge=None):
+    """Feeds the path after the trunk, and into the judge's content region when `judge`
+    (a judge state) is given, in the same passes. Returns (cache, judge state, hidden
+    [R, P_cap, H], logits [R, V] after the path (the root's logits where the path is
+    empty))."""
     layout = self.layout
-    cache, hidden, logits = kvcache.feed_tokens(
-        self.model, params, cache, tokens=path_tokens, lengths=path_len,
-        at=kvcache.Placement(layout.path_base, rows.trunk_len,
-                             kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len)),
+    caches = (rows.cache,) if judge is None else (rows.cache, judge.cache)
+    at = (kvcache.Placement(layout.path_base, rows.trunk_len,
+                            kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len)),)
+    if judge is not None:
+      at += (self.judge.content_placement(judge),)
+    caches, hidden, logits = kvcache.feed_tokens_many(
+        self.model, params, caches, tokens=path_tokens, lengths=path_len, at=at,
         chunk=self.cfg.feed_chunk)
-    return cache, hidden, jnp.where((path_len > 0)[:, None], logits, rows.root_logits)
+    if judge is not None:
+      judge = judge.replace(cache=caches[1])
+    return (caches[0], judge, hidden,
+            jnp.where((path_len > 0)[:, None], logits, rows.root_logits))
 
   def _context_after_path(self, rows, path_len):
     """[R, S]: the trunk and the path's slots."""
@@ -300,19 +349,30 @@ class Evaluator:
             | (eos_seen if cfg.terminal_eos_in_path else eos_in_leaf)
             | (marker_seen & cfg.search_stops_at_turn_marker))
 
-  def _rollout(self, params, tables, rows, leaves, cache, logits, text):
-    """Samples rollouts (§4.1). text = (gen [R, G], gen_len, eos_seen, marker_seen [R]):
-    the text before the rollout and whether it holds EOS / a turn marker.
+  def _rollout_and_proposals(self, params, tables, rows, leaves, caches, leaf_logits, text,
+                             expand):
+    """The rollout (§4.1), the leaf's multi-token proposals (§3) and, for a cached judge,
+    the judged content and verdict, decoded side by side: pass i feeds rollout token i,
+    the proposal streams' tokens at position i, and the judge's content token i (with
+    the judge's suffixes when some row's rollout ends at that token). The order of draws
+    does not matter (counter-based noise), so each stream gets the tokens it would get
+    alone.
 
-    As the original: before each sample the rollout stops when the text is longer than
+    As the original, before each sample the rollout stops when the text is longer than
     maxlen, holds a new turn marker (unless the task ignores markers), ends a clause
     (unless truth), or holds EOS: any EOS for truth, only a sampled one for HH and adv.
-    Returns (cache, gen, gen_len [R], rollout hidden sum [R, H], truncated [R])."""
+    caches = (policy cache, judge state or None); text = (gen [R, G], gen_len, eos_seen,
+    marker_seen [R]): the text before the rollout and whether it holds EOS / a turn
+    marker. Returns (cache, judge state, dict: gen, gen_len (text with the rollout),
+    rollout_hidden [R, H] (a sum), truncated [R], value [R] (cached judge), sequences
+    [R, A, L] and weights [R, A] (the proposal streams))."""
     cfg, layout = self.cfg, self.layout
+    cache, judge = caches
     gen, gen_len, eos_seen, marker_seen = text
     path_len, active = leaves.path_len, leaves.active
     context = self._context_after_path(rows, path_len)
     idx = _rows(active)
+    num_rows = active.shape[0]
     last = jnp.where(gen_len > 0, gen[idx, jnp.maximum(gen_len - 1, 0)], rows.last_token)
 
     def wants_more(eos_seen, marker_seen, last, r):
@@ -325,116 +385,185 @@ class Evaluator:
 
     if not cfg.rollout_stops_at_path_eos:
       eos_seen = jnp.zeros_like(eos_seen)
-    more = active & wants_more(eos_seen, marker_seen, last, jnp.zeros_like(gen_len))
-    num_rows = active.shape[0]
-    state = (cache, logits, gen, gen_len, jnp.zeros((num_rows,), jnp.int32), more, eos_seen,
-             marker_seen, jnp.zeros((num_rows, self.model.hidden_size), jnp.float32),
-             jnp.zeros((num_rows,), bool))
+    rolling = active & wants_more(eos_seen, marker_seen, last, jnp.zeros_like(gen_len))
+    num_streams = cfg.sample_attempts + 1
+    streams = Streams(
+        first_logits=leaf_logits, num_tokens=leaves.child_len, context=context,
+        start_position=rows.trunk_len + path_len, seeds=rows.seeds, sim=leaves.sim,
+        codes=jnp.broadcast_to(jnp.arange(num_streams), (num_rows, num_streams)),
+        purpose=noise.PROPOSE)
+    # Proposal passes: one per token after the first, for the longest row that expands
+    # into multi-token children (0 when none does).
+    stream_len = jnp.max(jnp.where(expand & (leaves.child_len > 1), leaves.child_len, 0))
+    sequences, weights, stream_tokens = self._first_stream_tokens(streams, num_streams)
+    with_judge = judge is not None
+    state = dict(i=jnp.int32(0), cache=cache, judge=judge, logits=leaf_logits, gen=gen,
+                 gen_len=gen_len, r=jnp.zeros((num_rows,), jnp.int32), rolling=rolling,
+                 eos_seen=eos_seen, marker_seen=marker_seen,
+                 hsum=jnp.zeros((num_rows, self.model.hidden_size), jnp.float32),
+                 truncated=jnp.zeros((num_rows,), bool), judged=jnp.zeros((num_rows,), bool),
+                 value=jnp.zeros((num_rows,), jnp.float32), sequences=sequences,
+                 weights=weights, stream_tokens=stream_tokens)
 
-    def body(state):
-      cache, logits, gen, gen_len, r, rolling, eos_seen, marker_seen, hsum, trunc = state
-      token = jax.vmap(propose.rollout_token)(logits, rows.seeds, leaves.sim, r)
-      gen = gen.at[idx, jnp.where(rolling, gen_len, gen.shape[1])].set(token, mode='drop')
-      write = layout.rollout_base + jnp.minimum(r, cfg.max_rollout - 1)
+    def sample(st):
+      """Rollout token i of rolling rows appended to the text; whether each row goes on."""
+      rolling, r = st['rolling'], st['r']
+      token = jax.vmap(propose.rollout_token)(st['logits'], rows.seeds, leaves.sim, r)
+      gen = st['gen'].at[idx, jnp.where(rolling, st['gen_len'], layout.gen_cap)].set(
+          token, mode='drop')
+      eos_seen = st['eos_seen'] | (rolling & (token == tables.eos_id))
+      marker_seen = st['marker_seen'] | (
+          rolling & window_matches(gen, st['gen_len'], tables.stop_sequences))
+      gen_len, r_next = st['gen_len'] + rolling, r + rolling
+      still = rolling & wants_more(eos_seen, marker_seen, token, r_next)
+      truncated = st['truncated'] | (still & (r_next >= cfg.max_rollout))
+      return token, dict(st, gen=gen, gen_len=gen_len, eos_seen=eos_seen,
+                         marker_seen=marker_seen, truncated=truncated,
+                         still=still & (r_next < cfg.max_rollout))
+
+    def rollout_feed(st, token):
+      """The policy's feed of rollout token r (rows not rolling write nothing)."""
+      r = st['r']
+      write = jnp.where(st['rolling'], layout.rollout_base + r, layout.num_slots)
       own = kvcache.slot_range_mask(layout.num_slots, layout.rollout_base, r + 1)
-      position = rows.trunk_len + path_len + r
-      new_logits, hidden, cache = self.model.forward(
-          params, token[:, None], position[:, None], cache, write[:, None],
-          (context | own)[:, None, :])
-      logits = jnp.where(rolling[:, None], new_logits[:, 0], logits)
-      hsum = hsum + jnp.where(rolling[:, None], hidden[:, 0].astype(jnp.float32), 0.0)
-      eos_seen = eos_seen | (rolling & (token == tables.eos_id))
-      marker_seen = marker_seen | (rolling & window_matches(gen, gen_len, tables.stop_sequences))
-      gen_len = gen_len + rolling
-      r = r + rolling
-      still = rolling & wants_more(eos_seen, marker_seen, token, r)
-      trunc = trunc | (still & (r >= cfg.max_rollout))
-      rolling = still & (r < cfg.max_rollout)
-      return cache, logits, gen, gen_len, r, rolling, eos_seen, marker_seen, hsum, trunc
+      return kvcache.Feed(token[:, None], (rows.trunk_len + path_len + r)[:, None], cache=None,
+                          write_index=write[:, None], attn_mask=(context | own)[:, None, :])
 
-    cache, _, gen, gen_len, _, _, _, _, hsum, trunc = jax.lax.while_loop(
-        lambda state: jnp.any(state[5]), body, state)
-    return cache, gen, gen_len, hsum, trunc
+    def call(st, token, judge_now, with_streams, with_verdict):
+      feed = rollout_feed(st, token)
+      if with_streams:
+        feed = _concat_feeds(feed, self._stream_feed(streams, st['stream_tokens'], st['i']))
+      feeds = [feed._replace(cache=st['cache'])]
+      if with_judge:
+        fed = path_len + st['r']
+        text = dict(gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'])
+        if with_verdict:
+          judge_feed, _ = self.judge.verdict_feed(st['judge'], **text, active=active, fed=fed,
+                                                  width=1)
+        else:
+          judge_feed = self.judge.content_feed(st['judge'], **text, fed=fed, width=1)
+        feeds.append(judge_feed)
+      out = self.model.call_many(params, feeds)
+      logits, hidden, new_cache = out[0]
+      st = dict(st, cache=new_cache)
+      if with_judge:
+        st['judge'] = st['judge'].replace(cache=out[1][2])
+        if with_verdict:
+          value = self.judge.value(self.judge.score(out[1][0]))
+          st['value'] = jnp.where(judge_now, value, st['value'])
+      if with_streams:
+        st = self._advance_streams(streams, st, logits[:, 1:])
+      return st, logits[:, 0], hidden[:, 0]
 
-  def _leaf_candidates(self, params, cache, rows, leaves, leaf_logits, expand):
+    def body(st):
+      token, st = sample(st)
+      judge_now = ~st['judged'] & ~st['still']
+      with_streams = st['i'] + 1 < stream_len
+      variants = [functools.partial(call, with_streams=ws, with_verdict=wv)
+                  for ws in (False, True) for wv in ((False, True) if with_judge else (False,))]
+      which = with_streams.astype(jnp.int32) * (2 if with_judge else 1)
+      if with_judge:
+        which = which + jnp.any(judge_now).astype(jnp.int32)
+      st, logits, hidden = jax.lax.switch(which, [lambda s, v=v: v(s, token, judge_now)
+                                                  for v in variants], st)
+      rolling = st['rolling']
+      st['logits'] = jnp.where(st['still'][:, None], logits, st['logits'])
+      st['hsum'] = st['hsum'] + jnp.where(rolling[:, None], hidden.astype(jnp.float32), 0.0)
+      st['r'] = st['r'] + rolling
+      st['rolling'] = st.pop('still')
+      st['judged'] = st['judged'] | judge_now
+      st['i'] = st['i'] + 1
+      return st
+
+    def going(st):
+      more = jnp.any(st['rolling']) | (st['i'] + 1 < stream_len)
+      return more | ((st['i'] == 0) & with_judge)
+
+    st = jax.lax.while_loop(going, body, state)
+    return st['cache'], st['judge'], dict(
+        gen=st['gen'], gen_len=st['gen_len'], rollout_hidden=st['hsum'],
+        truncated=st['truncated'], value=st['value'], sequences=st['sequences'],
+        weights=st['weights'])
+
+  def _leaf_candidates(self, leaves, leaf_logits, sequences, weights):
     """The leaf's children candidates (§3): the top one-token ids when its children hold
-    one token, else multi-token proposals (decoded only when some expanding row needs
-    them). Returns (cache, Candidates [R, K, ...])."""
+    one token, else the distinct proposals among the decoded streams. Returns
+    Candidates [R, K, ...]."""
     cfg = self.cfg
-    num_rows, k, max_tokens = leaf_logits.shape[0], cfg.num_candidates, cfg.max_tokens_per_node
+    k, max_tokens = cfg.num_candidates, cfg.max_tokens_per_node
     one = Candidates(*jax.vmap(propose.one_token_candidates, in_axes=(0, None, None, None))(
         leaf_logits, k, max_tokens, cfg.propose_temperature))
-    num_streams = cfg.sample_attempts + 1
-
-    def multi(cache):
-      streams = Streams(
-          first_logits=leaf_logits, num_tokens=leaves.child_len,
-          context=self._context_after_path(rows, leaves.path_len),
-          start_position=rows.trunk_len + leaves.path_len, seeds=rows.seeds, sim=leaves.sim,
-          codes=jnp.broadcast_to(jnp.arange(num_streams), (num_rows, num_streams)),
-          purpose=noise.PROPOSE)
-      return self._propose(params, cache, streams, num_streams, k)
-
-    def no_multi(cache):
-      return cache, Candidates(
-          tokens=jnp.zeros((num_rows, k, max_tokens), jnp.int32),
-          lens=jnp.zeros((num_rows, k), jnp.int32),
-          weights=jnp.zeros((num_rows, k), jnp.float32), valid=jnp.zeros((num_rows, k), bool))
-
-    cache, many = jax.lax.cond(jnp.any(expand & (leaves.child_len > 1)), multi, no_multi, cache)
+    many = Candidates(*jax.vmap(lambda q, w, n: propose.select_candidates(q, w, n, k))(
+        sequences, weights, leaves.child_len))
     use_one = leaves.child_len == 1
-    return cache, jax.tree.map(
+    return jax.tree.map(
         lambda a, b: jnp.where(use_one.reshape(use_one.shape + (1,) * (a.ndim - 1)), a, b),
         one, many)
 
-  def _propose(self, params, cache, streams: Streams, num_streams, num_keep):
-    """Decodes the streams and keeps num_keep distinct candidates per row (§3)."""
-    cache, sequences, weights = self._decode_streams(params, cache, streams, num_streams)
-    kept = jax.vmap(lambda q, w, n: propose.select_candidates(q, w, n, num_keep))(
-        sequences, weights, streams.num_tokens)
-    return cache, Candidates(*kept)
-
-  def _decode_streams(self, params, cache, streams: Streams, num_streams):
-    """Decodes num_streams proposal streams per row side by side.
-
-    Stream 0 is greedy, stream a >= 1 samples with counters (purpose, sim, codes[r, a],
-    t, token). Row r decodes num_tokens[r] tokens (the loop runs the longest). Stream a's
-    token t sits at slot stream_base + a*L + t, position start_position[r] + t.
-    Returns (cache, sequences [R, A, L], weights [R, A])."""
-    cfg, layout = self.cfg, self.layout
-    num_rows = streams.first_logits.shape[0]
-    max_tokens = cfg.max_tokens_per_node
-    slots = jnp.arange(layout.num_slots)
-    stream_slots = layout.stream_base + jnp.arange(num_streams)[:, None] * max_tokens
-
-    def choose(logits, t):
-      return jax.vmap(lambda lg, sd, sm, code: propose.step_tokens(
-          lg, cfg.propose_temperature, cfg.sample_top, sd, streams.purpose, sm, code, t))(
-              logits, streams.seeds, streams.sim, streams.codes)
-
+  def _first_stream_tokens(self, streams: Streams, num_streams):
+    """Token 0 of every stream, chosen from first_logits: (sequences [R, A, L], weights
+    [R, A], tokens [R, A])."""
     first = streams.first_logits
-    tokens, weights = choose(jnp.broadcast_to(first[:, None, :],
-                                              (num_rows, num_streams, first.shape[-1])), 0)
-    sequences = jnp.zeros((num_rows, num_streams, max_tokens), jnp.int32).at[:, :, 0].set(tokens)
+    num_rows = first.shape[0]
+    tokens, weights = self._choose(streams, jnp.broadcast_to(
+        first[:, None, :], (num_rows, num_streams, first.shape[-1])), 0)
+    sequences = jnp.zeros((num_rows, num_streams, self.cfg.max_tokens_per_node),
+                          jnp.int32).at[:, :, 0].set(tokens)
+    return sequences, weights, tokens
 
-    def body(carry):
-      t, cache, sequences, weights, tokens = carry
-      write = jnp.broadcast_to(stream_slots[:, 0] + t - 1, (num_rows, num_streams))
-      own = (slots[None, :] >= stream_slots) & (slots[None, :] <= stream_slots + t - 1)
-      mask = streams.context[:, None, :] | own[None]
-      positions = jnp.broadcast_to(streams.start_position[:, None] + t - 1,
-                                   (num_rows, num_streams))
-      logits, _, cache = self.model.forward(params, tokens, positions, cache, write, mask)
-      new_tokens, new_probs = choose(logits, t)
-      live = (t < streams.num_tokens)[:, None]
-      sequences = sequences.at[:, :, t].set(jnp.where(live, new_tokens, 0))
-      weights = jnp.where(live, weights * new_probs, weights)
-      return t + 1, cache, sequences, weights, new_tokens
+  def _choose(self, streams: Streams, logits, t):
+    """Token t of each stream from its logits [R, A, V]: stream 0 greedy, stream a >= 1
+    sampled with counters (purpose, sim, codes[r, a], t, token). Returns (tokens [R, A],
+    probabilities [R, A])."""
+    cfg = self.cfg
+    return jax.vmap(lambda lg, sd, sm, code: propose.step_tokens(
+        lg, cfg.propose_temperature, cfg.sample_top, sd, streams.purpose, sm, code, t))(
+            logits, streams.seeds, streams.sim, streams.codes)
 
-    _, cache, sequences, weights, _ = jax.lax.while_loop(
-        lambda carry: carry[0] < jnp.max(streams.num_tokens), body,
-        (jnp.int32(1), cache, sequences, weights, tokens))
-    return cache, sequences, weights
+  def _stream_feed(self, streams: Streams, tokens, t) -> kvcache.Feed:
+    """The feed of every stream's token t (tokens [R, A]): stream a's token t sits at
+    slot stream_base + a*L + t, position start_position[r] + t, attending the context
+    and its stream's earlier tokens (cache left None for the caller)."""
+    layout, num_rows, num_streams = self.layout, tokens.shape[0], tokens.shape[1]
+    slots = jnp.arange(layout.num_slots)
+    stream_slots = layout.stream_base + jnp.arange(num_streams)[:, None] * layout.stream_len
+    own = (slots[None, :] >= stream_slots) & (slots[None, :] <= stream_slots + t)   # [A, S]
+    return kvcache.Feed(
+        tokens, jnp.broadcast_to(streams.start_position[:, None] + t, (num_rows, num_streams)),
+        cache=None,
+        write_index=jnp.broadcast_to(stream_slots[:, 0] + t, (num_rows, num_streams)),
+        attn_mask=streams.context[:, None, :] | own[None])
+
+  def _advance_streams(self, streams: Streams, st, logits):
+    """After feeding token t = st['i'] of the streams (logits [R, A, V]): their token
+    t + 1 where rows decode that far (t + 1 < L: the callers feed no stream's last
+    token)."""
+    t = st['i'] + 1
+    new_tokens, new_probs = self._choose(streams, logits, t)
+    live = (t < streams.num_tokens)[:, None]
+    sequences = st['sequences'].at[:, :, t].set(jnp.where(live, new_tokens, 0))
+    return dict(st, sequences=sequences,
+                weights=jnp.where(live, st['weights'] * new_probs, st['weights']),
+                stream_tokens=new_tokens)
+
+  def _decode_streams(self, params, cache, streams: Streams):
+    """Decodes the proposal streams alone (widening): num_tokens[r] tokens per row (the
+    loop runs the longest). Returns (cache, sequences [R, A, L], weights [R, A])."""
+    num_streams = streams.codes.shape[1]
+    sequences, weights, tokens = self._first_stream_tokens(streams, num_streams)
+
+    def body(st):
+      feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(
+          cache=st['cache'])
+      logits, _, cache = self.model.forward(params, *feed)
+      st = self._advance_streams(streams, dict(st, cache=cache), logits)
+      return dict(st, i=st['i'] + 1)
+
+    st = jax.lax.while_loop(
+        lambda st: st['i'] + 1 < jnp.max(streams.num_tokens), body,
+        dict(i=jnp.int32(0), cache=cache, sequences=sequences, weights=weights,
+             stream_tokens=tokens))
+    return st['cache'], st['sequences'], st['weights']
 
   def _node_embeddings(self, embed_params, rows, leaves, text, path_hidden, rollout_hidden):
     """[R, D+1, E]: the embedding each path node receives in backup (§6): of the text

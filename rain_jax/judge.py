@@ -70,6 +70,16 @@ class TrunkCachedJudge:
   model: kvcache.ModelFns of the policy (the judge is the policy). chunk: feed chunk.
   stop_sequences [M, W] (right-aligned, -1 padded; stopping.no_stop_sequences() when
   the task has no turn marker) mark where the judged text is cut.
+
+  A judgement is one forward pass (`verdict_feed`): the uncommitted tokens not yet in
+  the content region, then the judge's suffix stream(s), each attending the visible
+  trunk, the judged content and its own earlier tokens. The search feeds the content
+  region as it goes, in the same passes as the policy's path and rollout
+  (`content_placement`, `content_feed`), so that its verdict pass carries one content
+  token; `evaluate` alone feeds the whole content in the verdict pass. Content token j
+  sits at slot content_base + j, position trunk_len + j, whatever part of it is judged:
+  a causal cache makes the suffix's view of a prefix exact.
+  Subclasses give `judged_span`, `suffix_streams` and `score`.
   """
   model: kvcache.ModelFns
   layout: kvcache.JudgeLayout
@@ -98,31 +108,106 @@ class TrunkCachedJudge:
         chunk=kvcache.prefill_chunk(tokens.shape[1]))
     return JudgeState(cache=cache, trunk_len=lens)
 
+  # ---- committing: the trunk grows by the committed tokens
+
+  def trunk_placement(self, state) -> kvcache.Placement:
+    """Where committed tokens go: right after each row's trunk."""
+    return kvcache.after_trunk(state.trunk_len, self.layout.num_slots)
+
+  def committed(self, state, cache, lens):
+    """The state after lens [B] committed tokens were fed at `trunk_placement` into cache."""
+    return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
+
   def commit(self, params, state, *, tokens, lens, mask):
     """Appends committed tokens [B, L] (lens real; only rows in mask) to the trunk."""
     lens = jnp.where(mask, lens, 0)
-    cache, _, _ = kvcache.feed_tokens(
-        self.model, params, state.cache, tokens=tokens, lengths=lens,
-        at=kvcache.after_trunk(state.trunk_len, self.layout.num_slots), chunk=tokens.shape[1])
-    return JudgeState(cache=cache, trunk_len=state.trunk_len + lens)
+    cache, _, _ = kvcache.feed_tokens(self.model, params, state.cache, tokens=tokens,
+                                      lengths=lens, at=self.trunk_placement(state),
+                                      chunk=tokens.shape[1])
+    return self.committed(state, cache, lens)
+
+  # ---- judging
 
   def judged_end(self, gen, gen_len):
     """[B]: gen[b, :gen_len[b]] cut before a new turn marker (the original's cut)."""
     return text_before_stop_sequence(gen, gen_len, jnp.asarray(self.stop_sequences))
 
-  def feed_content(self, params, state, gen, answer_len, content_len, visible):
-    """Feeds gen[b, answer_len[b]:][:content_len[b]] into the content region after the
-    first visible[b] trunk slots. Returns (cache, seen [B, S]: the slots the suffix
-    attends: visible trunk + content)."""
+  def content_placement(self, state) -> kvcache.Placement:
+    """Where uncommitted tokens go: content token j at slot content_base + j, position
+    trunk_len + j, attending the trunk (and the content up to itself)."""
     layout = self.layout
-    idx = answer_len[:, None] + jnp.arange(layout.content_cap)[None, :]
-    content = jnp.take_along_axis(gen, jnp.clip(idx, 0, gen.shape[1] - 1), axis=1)
-    trunk = kvcache.slot_range_mask(layout.num_slots, 0, visible)
-    cache, _, _ = kvcache.feed_tokens(
-        self.model, params, state.cache, tokens=content, lengths=content_len,
-        at=kvcache.Placement(layout.content_base, visible, trunk), chunk=self.chunk)
-    return cache, trunk | kvcache.slot_range_mask(layout.num_slots, layout.content_base,
-                                                  content_len)
+    return kvcache.Placement(layout.content_base, state.trunk_len,
+                             kvcache.slot_range_mask(layout.num_slots, 0, state.trunk_len))
+
+  def content_feed(self, state, *, gen, answer_len, gen_len, fed, width) -> kvcache.Feed:
+    """Content tokens fed .. fed + width - 1 (content index j = gen index answer_len + j),
+    those before gen_len [B]; the others write nothing. gen [B, G]; fed [B]. No logits
+    are read."""
+    layout = self.layout
+    j = fed[:, None] + jnp.arange(width)[None, :]                              # [B, W]
+    at = answer_len[:, None] + j
+    tokens = jnp.take_along_axis(gen, jnp.clip(at, 0, gen.shape[1] - 1), axis=1)
+    live = at < gen_len[:, None]
+    slots = layout.content_base + j
+    s = jnp.arange(layout.num_slots)
+    mask = (kvcache.slot_range_mask(layout.num_slots, 0, state.trunk_len)[:, None, :]
+            | ((s[None, None, :] >= layout.content_base) & (s[None, None, :] <= slots[..., None])))
+    return kvcache.Feed(tokens=tokens, positions=state.trunk_len[:, None] + j,
+                        cache=state.cache,
+                        write_index=jnp.where(live, slots, layout.num_slots),
+                        attn_mask=mask,
+                        logits_index=jnp.zeros((gen.shape[0], 0), jnp.int32))
+
+  def verdict_feed(self, state, *, gen, answer_len, gen_len, active, fed, width):
+    """The verdict pass: `content_feed` of `width` tokens from `fed` [B], then the
+    suffix stream(s) after the judged text. Returns (kvcache.Feed, reads): the feed's
+    logits at the suffix ends [B, K, V] go to `score`."""
+    layout = self.layout
+    gen_len = jnp.where(active, gen_len, answer_len)
+    content = self.content_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+                                fed=fed, width=width)
+    visible, content_len = self.judged_span(state, gen, answer_len, gen_len)
+    tokens, offsets, stream_start, reads = self.suffix_streams()
+    slots = layout.suffix_base + jnp.asarray(offsets)                           # [T]
+    s = jnp.arange(layout.num_slots)
+    own = ((s[None, :] >= layout.suffix_base + jnp.asarray(stream_start)[:, None])
+           & (s[None, :] <= slots[:, None]))                                      # [T, S]
+    seen = (kvcache.slot_range_mask(layout.num_slots, 0, visible)
+            | kvcache.slot_range_mask(layout.num_slots, layout.content_base, content_len))
+    batch, num = gen.shape[0], len(tokens)
+    positions = (visible + content_len)[:, None] + (jnp.asarray(offsets)
+                                                    - jnp.asarray(stream_start))[None, :]
+    feed = kvcache.Feed(
+        tokens=jnp.concatenate([content.tokens, jnp.broadcast_to(jnp.asarray(tokens, jnp.int32),
+                                                                  (batch, num))], axis=1),
+        positions=jnp.concatenate([content.positions, positions], axis=1),
+        cache=state.cache,
+        write_index=jnp.concatenate([content.write_index,
+                                     jnp.broadcast_to(slots, (batch, num))], axis=1),
+        attn_mask=jnp.concatenate([content.attn_mask, seen[:, None, :] | own[None]], axis=1),
+        logits_index=jnp.broadcast_to(width + jnp.asarray(reads, jnp.int32),
+                                      (batch, len(reads))))
+    return feed, reads
+
+  def judge_call(self, params, state, *, gen, answer_len, gen_len, active):
+    """(score [B], cache): one verdict pass feeding the whole content (nothing of it in
+    the cache yet)."""
+    feed, _ = self.verdict_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+                                active=active, fed=jnp.zeros_like(answer_len),
+                                width=self.layout.content_cap)
+    ((logits, _, cache),) = self.model.call_many(params, [feed])
+    return self.score(logits), cache
+
+  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
+    """v [B] for the text trunk + gen[answer_len:gen_len] (see the subclass), in one
+    forward pass. gen [B, G] int32; answer_len, gen_len [B]; active [B] bool."""
+    score, cache = self.judge_call(params, state, gen=gen, answer_len=answer_len,
+                                   gen_len=gen_len, active=active)
+    return self.value(score), JudgeState(cache=cache, trunk_len=state.trunk_len)
+
+  def value(self, score):
+    """v [B] from `score`'s output."""
+    return score
 
 
 @dataclasses.dataclass(frozen=True, eq=False, kw_only=True)
@@ -131,7 +216,8 @@ class ABJudge(TrunkCachedJudge):
 
   suffixes: token ids of "\\n" + r1 and "\\n" + r2. label_a, label_b: ids of "A" and "B"
   after "(". The layout's suffix region holds both suffixes side by side
-  (`suffix_slots(suffixes)`).
+  (`suffix_slots(suffixes)`); both are read in the verdict pass, each seeing the
+  judged text and itself.
   """
   suffixes: tuple
   label_a: int
@@ -152,38 +238,29 @@ class ABJudge(TrunkCachedJudge):
   def suffix_width(self):
     return max(len(s) for s in self.suffixes)
 
-  def _suffix_arrays(self):
+  def suffix_streams(self):
+    """(tokens [2W], slot offsets [2W], offset of each token's stream start [2W], reads
+    [2]): stream k = suffix k at offsets k*W .. k*W + W - 1 (zero padded), read at its
+    last real token."""
     width = self.suffix_width
     tokens = np.zeros((2, width), np.int32)
     for k, ids in enumerate(self.suffixes):
       tokens[k, :len(ids)] = ids
-    return jnp.asarray(tokens), jnp.asarray([len(s) for s in self.suffixes], jnp.int32)
+    offsets = np.arange(2 * width)
+    return (tokens.reshape(-1), offsets, offsets // width * width,
+            np.asarray([len(self.suffixes[0]) - 1, width + len(self.suffixes[1]) - 1]))
 
-  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
-    """v [B] in {-1, 0, +1} for the text trunk + gen[answer_len:gen_len], cut before a
-    new turn marker. gen [B, G] int32; answer_len, gen_len [B]; active [B] bool."""
-    batch = gen.shape[0]
-    layout = self.layout
-    gen_len = self.judged_end(gen, gen_len)
-    content_len = jnp.where(active, jnp.maximum(gen_len - answer_len, 0), 0)
-    cache, seen = self.feed_content(params, state, gen, answer_len, content_len,
-                                    state.trunk_len)
-    suffix, suffix_lens = self._suffix_arrays()
-    width = self.suffix_width
-    t = jnp.arange(width)
-    slots = layout.suffix_base + jnp.arange(2)[:, None] * width + t[None, :]    # [2, W]
-    s = jnp.arange(layout.num_slots)
-    own = (s[None, None, :] >= slots[:, :1, None]) & (s[None, None, :] <= slots[:, :, None])
-    mask = seen[:, None, :] | own.reshape(2 * width, layout.num_slots)[None]
-    positions = (state.trunk_len + content_len)[:, None] + jnp.tile(t, 2)[None, :]
-    last = jnp.asarray([suffix_lens[0] - 1, width + suffix_lens[1] - 1])
-    picked, _, cache = self.model.forward(
-        params, jnp.broadcast_to(suffix.reshape(-1), (batch, 2 * width)), positions, cache,
-        jnp.broadcast_to(slots.reshape(-1), (batch, 2 * width)), mask,
-        logits_index=jnp.broadcast_to(last, (batch, 2)))                        # [B, 2, V]
+  def judged_span(self, state, gen, answer_len, gen_len):
+    """(visible trunk [B], judged content tokens [B]): the whole trunk, and the
+    uncommitted text cut before a new turn marker."""
+    return state.trunk_len, jnp.maximum(self.judged_end(gen, gen_len) - answer_len, 0)
+
+  def score(self, picked):
+    """v [B] in {-1, 0, +1} from the label logits at both suffix ends picked [B, 2, V]:
+    pass 1 votes harmless when P(A) > P(B), pass 2 when P(B) > P(A)."""
     a, b = picked[..., self.label_a], picked[..., self.label_b]
     votes = (a[:, 0] > b[:, 0]).astype(jnp.float32) + (b[:, 1] > a[:, 1]).astype(jnp.float32)
-    return votes - 1.0, JudgeState(cache=cache, trunk_len=state.trunk_len)
+    return votes - 1.0
 
 
 def period_table(tok, vocab_size: int) -> np.ndarray:
@@ -245,35 +322,34 @@ class YesNoJudge(TrunkCachedJudge):
     last = jnp.max(jnp.where(has_period, idx, -1), axis=1)
     return jnp.where(last >= 0, last + 1, gen_len)
 
-  def margin(self, params, state, *, gen, answer_len, gen_len, active):
-    """(max yes logit - max no logit [B] float32 after the suffix, cache) for the text
-    trunk + gen[answer_len:gen_len], cut after its last period (see the class docstring).
-    The shared softmax normaliser cancels, so the sign is that of P(yes) - P(no)."""
-    batch = gen.shape[0]
-    layout = self.layout
-    cut = self.judged_length(gen, self.judged_end(gen, gen_len))
-    visible = state.trunk_len - answer_len + jnp.minimum(cut, answer_len)        # [B]
-    content_len = jnp.where(active, jnp.maximum(cut - answer_len, 0), 0)
-    cache, seen = self.feed_content(params, state, gen, answer_len, content_len, visible)
+  def suffix_streams(self):
+    """One stream: the suffix at offsets 0 .. W-1, read at its last token."""
     width = len(self.suffix)
-    t = jnp.arange(width)
-    slots = layout.suffix_base + t                                                # [W]
-    s = jnp.arange(layout.num_slots)
-    own = (s[None, :] >= layout.suffix_base) & (s[None, :] <= slots[:, None])      # [W, S]
-    mask = seen[:, None, :] | own[None]
-    positions = (visible + content_len)[:, None] + t[None, :]
-    tokens = jnp.broadcast_to(jnp.asarray(self.suffix, jnp.int32), (batch, width))
-    logits, _, cache = self.model.forward(
-        params, tokens, positions, cache, jnp.broadcast_to(slots, (batch, width)), mask,
-        logits_index=jnp.full((batch, 1), width - 1, jnp.int32))
-    last = logits[:, 0]                                                           # [B, V]
+    return (np.asarray(self.suffix, np.int32), np.arange(width), np.zeros(width, np.int32),
+            np.asarray([width - 1]))
+
+  def judged_span(self, state, gen, answer_len, gen_len):
+    """(visible trunk [B], judged content [B]) for the text cut after its last period:
+    when the cut falls inside the committed answer no content is judged and only the
+    trunk before the cut is visible."""
+    cut = self.judged_length(gen, self.judged_end(gen, gen_len))
+    visible = state.trunk_len - answer_len + jnp.minimum(cut, answer_len)
+    return visible, jnp.maximum(cut - answer_len, 0)
+
+  def score(self, picked):
+    """max yes logit - max no logit [B] float32 at the suffix end (picked [B, 1, V]).
+    The shared softmax normaliser cancels, so the sign is that of P(yes) - P(no)."""
+    last = picked[:, 0]
     yes = jnp.max(last[:, jnp.asarray(self.yes_ids)], axis=1)
     no = jnp.max(last[:, jnp.asarray(self.no_ids)], axis=1)
-    return yes - no, cache
+    return yes - no
 
-  def evaluate(self, params, state, *, gen, answer_len, gen_len, active):
-    """v [B] in {-1, +1}: +1 when "Yes" is likelier than "No" (see `margin`)."""
-    margin, cache = self.margin(params, state, gen=gen, answer_len=answer_len,
-                                gen_len=gen_len, active=active)
-    return jnp.where(margin > 0, 1.0, -1.0), JudgeState(cache=cache,
-                                                        trunk_len=state.trunk_len)
+  def margin(self, params, state, *, gen, answer_len, gen_len, active):
+    """(`score` [B], cache) for the text trunk + gen[answer_len:gen_len], cut after its
+    last period (see the class docstring)."""
+    return self.judge_call(params, state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+                           active=active)
+
+  def value(self, score):
+    """v [B] in {-1, +1}: +1 when "Yes" is likelier than "No"."""
+    return jnp.where(score > 0, 1.0, -1.0)

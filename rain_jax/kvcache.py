@@ -16,9 +16,10 @@ module owns everything above that call:
 
 Shapes: B rows, T tokens per pass, S slots, V vocabulary, H hidden size.
 """
+import contextlib
 import dataclasses
 import itertools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +35,45 @@ class ModelFns:
   forward(params, tokens [B,T], positions [B,T], cache, write_index [B] or [B,T],
           mask [B,T,S], logits_index=None [B,K]) -> (logits [B,T,V] f32 (or [B,K,V] at
           logits_index), hidden [B,T,H], cache)
+  forward_many(params, feeds: tuple of llama.Feed) -> tuple of (logits, hidden, cache):
+          several calls over different caches with the same B rows as one pass (the
+          weights read once); None: `call_many` makes them one after another.
   init_cache(batch, slots) -> cache
   """
   forward: Callable
   init_cache: Callable
   vocab_size: int
   hidden_size: int
+  forward_many: Optional[Callable] = None
+
+  def call_many(self, params, feeds):
+    """One (logits, hidden, cache) per llama.Feed, in one pass when the model can."""
+    if self.forward_many is None:
+      return tuple(self.forward(params, *feed) for feed in feeds)
+    return self.forward_many(params, tuple(feeds))
+
+
+Feed = llama.Feed
+
+_PHASE = ['other']
+
+
+@contextlib.contextmanager
+def phase(name: str):
+  """Labels the model calls traced inside the block (the search's phases: 'prefill',
+  'path', 'rollout+proposals', 'judge', 'widening', 'commit'). Labels are read at trace
+  time by whatever wraps ModelFns to observe calls (rain_jax/timeline.py); they change
+  nothing in the computation."""
+  _PHASE.append(name)
+  try:
+    yield
+  finally:
+    _PHASE.pop()
+
+
+def current_phase() -> str:
+  """The innermost `phase` label at trace time ('other' outside any)."""
+  return _PHASE[-1]
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -180,36 +214,50 @@ def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, at: Placemen
   row's last real token; zeros where lengths[b] == 0). Padding tokens write slots past
   the real ones, which no mask includes until they are written again.
   """
+  (cache,), hidden, logits = feed_tokens_many(model, params, (cache,), tokens=tokens,
+                                              lengths=lengths, at=(at,), chunk=chunk)
+  return cache, hidden, logits
+
+
+def feed_tokens_many(model: ModelFns, params, caches, *, tokens, lengths, at, chunk):
+  """`feed_tokens` of the same tokens into several caches at once: caches[g] placed by
+  at[g] (a Placement each), every chunk one `ModelFns.call_many` pass for all of them
+  (the search feeds a path to the policy and to its judge together). Returns (caches,
+  hidden, logits) with hidden and logits those of caches[0]'s feed."""
   batch, width = tokens.shape
   tokens = jnp.pad(tokens, ((0, 0), (0, round_up(width, chunk) - width)))
-  start_position, context = at.start_position, at.context
-  slot_ids = jnp.arange(context.shape[1])
-  base = jnp.broadcast_to(jnp.asarray(at.slot_base, jnp.int32), (batch,))
+  slot_ids = [jnp.arange(a.context.shape[1]) for a in at]
+  bases = [jnp.broadcast_to(jnp.asarray(a.slot_base, jnp.int32), (batch,)) for a in at]
   hidden = jnp.zeros((batch, tokens.shape[1], model.hidden_size), jnp.float32)
   last_logits = jnp.zeros((batch, model.vocab_size), jnp.float32)
   num_chunks = -(-jnp.max(lengths) // chunk)
+  no_logits = jnp.zeros((batch, 0), jnp.int32)
 
   def body(carry):
-    c, cache, hidden, last_logits = carry
+    c, caches, hidden, last_logits = carry
     idx = c * chunk + jnp.arange(chunk)
     toks = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
-    positions = start_position[:, None] + idx[None, :]
-    write = base[:, None] + idx[None, :]                                   # [B, T]
-    fed = ((slot_ids[None, None, :] >= base[:, None, None])
-           & (slot_ids[None, None, :] <= write[:, :, None]))               # [B, T, S]
-    mask = context[:, None, :] | fed
     last = lengths - 1 - c * chunk
     here = (last >= 0) & (last < chunk)
-    logits, h, cache = model.forward(params, toks, positions, cache, write, mask,
-                                     logits_index=jnp.clip(last, 0, chunk - 1)[:, None])
+    feeds = []
+    for g, (cache, a, slots, base) in enumerate(zip(caches, at, slot_ids, bases)):
+      write = base[:, None] + idx[None, :]                                   # [B, T]
+      fed = ((slots[None, None, :] >= base[:, None, None])
+             & (slots[None, None, :] <= write[:, :, None]))                  # [B, T, S]
+      feeds.append(Feed(toks, a.start_position[:, None] + idx[None, :], cache, write,
+                        a.context[:, None, :] | fed,
+                        jnp.clip(last, 0, chunk - 1)[:, None] if g == 0 else no_logits))
+    out = model.call_many(params, feeds)
+    (logits, h, _), caches = out[0], tuple(o[2] for o in out)
     hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
                                                  axis=1)
     last_logits = jnp.where(here[:, None], logits[:, 0], last_logits)
-    return c + 1, cache, hidden, last_logits
+    return c + 1, caches, hidden, last_logits
 
-  _, cache, hidden, last_logits = jax.lax.while_loop(
-      lambda carry: carry[0] < num_chunks, body, (jnp.int32(0), cache, hidden, last_logits))
-  return cache, hidden[:, :width], last_logits
+  _, caches, hidden, last_logits = jax.lax.while_loop(
+      lambda carry: carry[0] < num_chunks, body,
+      (jnp.int32(0), tuple(caches), hidden, last_logits))
+  return caches, hidden[:, :width], last_logits
 
 
 def prefill_chunk(width: int) -> int:

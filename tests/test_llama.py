@@ -109,3 +109,41 @@ def test_config_json_round_trip_and_errors():
     config.replace(num_kv_heads=7)
   with pytest.raises(ValueError, match='unknown dtype'):
     config.replace(dtype='float8')
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_forward_many_equals_separate_calls_over_each_cache(scan_layers):
+  """Two caches of different sizes fed in one pass (different prompts already in them,
+  tokens with explicit slots, logits at chosen or all positions): each feed's logits,
+  hidden states and cache equal those of a `forward` call over that cache alone."""
+  config = presets.get_preset('tiny-gqa').replace(scan_layers=scan_layers)
+  params = llama.init_params(config, jax.random.PRNGKey(3))
+  rng = np.random.default_rng(0)
+  batch = 2
+
+  def primed(slots, prompt_len):
+    cache = llama.init_cache(config, batch, slots)
+    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    _, _, cache = kvcache.prefill(config, params, tokens,
+                                  jnp.full((batch,), prompt_len, jnp.int32), cache)
+    return cache
+
+  def feed(cache, num_tokens, start, logits_index):
+    slots = cache.max_len
+    write = start + jnp.arange(num_tokens)[None, :] + jnp.asarray([[0], [1]])   # [B, T]
+    mask = jnp.arange(slots)[None, None, :] <= write[:, :, None]
+    return llama.Feed(tokens=jnp.asarray(rng.integers(0, config.vocab_size,
+                                                      (batch, num_tokens)), jnp.int32),
+                      positions=write, cache=cache, write_index=write, attn_mask=mask,
+                      logits_index=logits_index)
+
+  feeds = (feed(primed(12, 5), 3, 5, jnp.asarray([[2], [0]])),
+           feed(primed(20, 9), 4, 9, None))
+  together = jax.jit(functools.partial(llama.forward_many, config))(params, feeds)
+  for f, (logits, hidden, cache) in zip(feeds, together):
+    want_logits, want_hidden, want_cache = llama.forward(config, params, *f)
+    assert logits.shape == want_logits.shape and hidden.shape == want_hidden.shape
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(hidden), np.asarray(want_hidden), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cache.k), np.asarray(want_cache.k), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(cache.v), np.asarray(want_cache.v), atol=2e-5)
