@@ -18,6 +18,7 @@ Shapes: R rows, V vocabulary, H hidden size, S policy slots, L max tokens per no
 K candidates, C max children, D max depth (paths hold D + 1 nodes, root first),
 P_cap path slots, G generated buffer (answer + path + rollout), E embedding width.
 """
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -187,12 +188,14 @@ class Evaluator:
     cfg, layout = self.cfg, self.layout
     num_rows = prompt_tokens.shape[0]
     cache = self.model.init_cache(num_rows, layout.num_slots)
-    cache, _, root_logits = kvcache.feed_tokens(
-        self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens,
-        at=kvcache.at_start(num_rows, layout.num_slots),
-        chunk=kvcache.prefill_chunk(prompt_tokens.shape[1]))
+    with kvcache.phase('prefill'):
+      cache, _, root_logits = kvcache.feed_tokens(
+          self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens,
+          at=kvcache.at_start(num_rows, layout.num_slots),
+          chunk=kvcache.prefill_chunk(prompt_tokens.shape[1]))
+      judge = self.judge.init_state(params, judge_inputs)
     return RowState(
-        cache=cache, judge=self.judge.init_state(params, judge_inputs), trunk_len=prompt_lens,
+        cache=cache, judge=judge, trunk_len=prompt_lens,
         maxlen=jnp.minimum(cfg.maxlen, prompt_lens + cfg.max_new_tokens - 1),
         root_logits=root_logits,
         answer=jnp.zeros((num_rows, layout.answer_cap), jnp.int32),
@@ -436,6 +439,7 @@ class Evaluator:
       feeds = [feed._replace(cache=st['cache'])]
       if with_judge:
         fed = path_len + st['r']
+        # (the pass that carries a verdict counts as the judge's in timelines)
         text = dict(gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'])
         if with_verdict:
           judge_feed, _ = self.judge.verdict_feed(st['judge'], **text, active=active, fed=fed,
@@ -443,7 +447,8 @@ class Evaluator:
         else:
           judge_feed = self.judge.content_feed(st['judge'], **text, fed=fed, width=1)
         feeds.append(judge_feed)
-      out = self.model.call_many(params, feeds)
+      with kvcache.phase('judge') if with_verdict else contextlib.nullcontext():
+        out = self.model.call_many(params, feeds)
       logits, hidden, new_cache = out[0]
       st = dict(st, cache=new_cache)
       if with_judge:
