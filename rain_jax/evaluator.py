@@ -18,9 +18,7 @@ Shapes: R rows, V vocabulary, H hidden size, S policy slots, L max tokens per no
 K candidates, C max children, D max depth (paths hold D + 1 nodes, root first),
 P_cap path slots, G generated buffer (answer + path + rollout), E embedding width.
 """
-import contextlib
 import dataclasses
-import functools
 from typing import Any
 
 import flax
@@ -355,11 +353,20 @@ class Evaluator:
   def _rollout_and_proposals(self, params, tables, rows, leaves, caches, leaf_logits, text,
                              expand):
     """The rollout (§4.1), the leaf's multi-token proposals (§3) and, for a cached judge,
-    the judged content and verdict, decoded side by side: pass i feeds rollout token i,
-    the proposal streams' tokens at position i, and the judge's content token i (with
-    the judge's suffixes when some row's rollout ends at that token). The order of draws
-    does not matter (counter-based noise), so each stream gets the tokens it would get
-    alone.
+    the judged content and the verdict, decoded side by side.
+
+    A rollout token is sampled as soon as its logits exist and fed only when the row
+    wants the token after it, so a row's last rollout token waits for the verdict pass.
+    The passes, in order (each loop ends when nothing in it is left to feed):
+      1. rollout token + the proposal streams' token i + the judge's content token;
+      2. rollout token + the judge's content token (streams done);
+      3. the streams' token i (rollout done);
+      4. the verdict: the judge's last content token and suffixes (and, for
+         mean_hidden, the policy's last rollout token, whose hidden state it needs).
+    The order of draws does not matter (counter-based noise), so every stream and the
+    rollout get the tokens they would get alone. Separate loops rather than one loop
+    with a switch between shapes: a conditional around the caches copies them (~18 ms a
+    pass for SmolLM2 on a CPU).
 
     As the original, before each sample the rollout stops when the text is longer than
     maxlen, holds a new turn marker (unless the task ignores markers), ends a clause
@@ -388,7 +395,6 @@ class Evaluator:
 
     if not cfg.rollout_stops_at_path_eos:
       eos_seen = jnp.zeros_like(eos_seen)
-    rolling = active & wants_more(eos_seen, marker_seen, last, jnp.zeros_like(gen_len))
     num_streams = cfg.sample_attempts + 1
     streams = Streams(
         first_logits=leaf_logits, num_tokens=leaves.child_len, context=context,
@@ -399,95 +405,107 @@ class Evaluator:
     # into multi-token children (0 when none does).
     stream_len = jnp.max(jnp.where(expand & (leaves.child_len > 1), leaves.child_len, 0))
     sequences, weights, stream_tokens = self._first_stream_tokens(streams, num_streams)
-    with_judge = judge is not None
-    state = dict(i=jnp.int32(0), cache=cache, judge=judge, logits=leaf_logits, gen=gen,
-                 gen_len=gen_len, r=jnp.zeros((num_rows,), jnp.int32), rolling=rolling,
-                 eos_seen=eos_seen, marker_seen=marker_seen,
-                 hsum=jnp.zeros((num_rows, self.model.hidden_size), jnp.float32),
-                 truncated=jnp.zeros((num_rows,), bool), judged=jnp.zeros((num_rows,), bool),
-                 value=jnp.zeros((num_rows,), jnp.float32), sequences=sequences,
-                 weights=weights, stream_tokens=stream_tokens)
+    zeros = jnp.zeros((num_rows,), jnp.int32)
 
-    def sample(st):
-      """Rollout token i of rolling rows appended to the text; whether each row goes on."""
-      rolling, r = st['rolling'], st['r']
-      token = jax.vmap(propose.rollout_token)(st['logits'], rows.seeds, leaves.sim, r)
-      gen = st['gen'].at[idx, jnp.where(rolling, st['gen_len'], layout.gen_cap)].set(
-          token, mode='drop')
-      eos_seen = st['eos_seen'] | (rolling & (token == tables.eos_id))
-      marker_seen = st['marker_seen'] | (
-          rolling & window_matches(gen, st['gen_len'], tables.stop_sequences))
-      gen_len, r_next = st['gen_len'] + rolling, r + rolling
-      still = rolling & wants_more(eos_seen, marker_seen, token, r_next)
-      truncated = st['truncated'] | (still & (r_next >= cfg.max_rollout))
-      return token, dict(st, gen=gen, gen_len=gen_len, eos_seen=eos_seen,
-                         marker_seen=marker_seen, truncated=truncated,
-                         still=still & (r_next < cfg.max_rollout))
-
-    def rollout_feed(st, token):
-      """The policy's feed of rollout token r (rows not rolling write nothing)."""
+    def sample(st, logits, who):
+      """Rollout token r of rows `who` from logits [R, V], appended to the text; `more`:
+      the row wants a token after it (so this one must be fed)."""
       r = st['r']
-      write = jnp.where(st['rolling'], layout.rollout_base + r, layout.num_slots)
+      token = jax.vmap(propose.rollout_token)(logits, rows.seeds, leaves.sim, r)
+      gen = st['gen'].at[idx, jnp.where(who, st['gen_len'], layout.gen_cap)].set(
+          token, mode='drop')
+      eos_seen = st['eos_seen'] | (who & (token == tables.eos_id))
+      marker_seen = st['marker_seen'] | (
+          who & window_matches(gen, st['gen_len'], tables.stop_sequences))
+      still = who & wants_more(eos_seen, marker_seen, token, r + 1)
+      return dict(st, gen=gen, gen_len=st['gen_len'] + who, eos_seen=eos_seen,
+                  marker_seen=marker_seen, pending=jnp.where(who, token, st['pending']),
+                  truncated=st['truncated'] | (still & (r + 1 >= cfg.max_rollout)),
+                  more=jnp.where(who, still & (r + 1 < cfg.max_rollout), st['more']))
+
+    def rollout_feed(st, who):
+      """The policy's feed of the pending rollout token of rows `who` (others write
+      nothing)."""
+      r = st['r']
+      write = jnp.where(who, layout.rollout_base + r, layout.num_slots)
       own = kvcache.slot_range_mask(layout.num_slots, layout.rollout_base, r + 1)
-      return kvcache.Feed(token[:, None], (rows.trunk_len + path_len + r)[:, None], cache=None,
-                          write_index=write[:, None], attn_mask=(context | own)[:, None, :])
+      return kvcache.Feed(st['pending'][:, None], (rows.trunk_len + path_len + r)[:, None],
+                          cache=st['cache'], write_index=write[:, None],
+                          attn_mask=(context | own)[:, None, :])
 
-    def call(st, token, judge_now, with_streams, with_verdict):
-      feed = rollout_feed(st, token)
-      if with_streams:
-        feed = _concat_feeds(feed, self._stream_feed(streams, st['stream_tokens'], st['i']))
-      feeds = [feed._replace(cache=st['cache'])]
-      if with_judge:
-        fed = path_len + st['r']
-        # (the pass that carries a verdict counts as the judge's in timelines)
-        text = dict(gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'])
-        if with_verdict:
-          judge_feed, _ = self.judge.verdict_feed(st['judge'], **text, active=active, fed=fed,
-                                                  width=1)
-        else:
-          judge_feed = self.judge.content_feed(st['judge'], **text, fed=fed, width=1)
-        feeds.append(judge_feed)
-      with kvcache.phase('judge') if with_verdict else contextlib.nullcontext():
+    def content_feed(st, who):
+      """The judge's feed of the pending token of rows `who` as content."""
+      fed = path_len + st['r']
+      return self.judge.content_feed(
+          st['judge'], gen=st['gen'], answer_len=rows.answer_len,
+          gen_len=jnp.where(who, st['gen_len'], rows.answer_len + fed), fed=fed, width=1)
+
+    def rollout_pass(with_streams):
+      """One pass feeding the pending rollout tokens that need feeding (with the
+      streams' token i when with_streams), then sampling the next rollout tokens."""
+      def body(st):
+        who = st['more']
+        policy = rollout_feed(st, who)
+        if with_streams:
+          policy = _concat_feeds(policy, self._stream_feed(streams, st['stream_tokens'],
+                                                           st['i']))._replace(cache=st['cache'])
+        feeds = [policy] + ([content_feed(st, who)] if judge is not None else [])
         out = self.model.call_many(params, feeds)
-      logits, hidden, new_cache = out[0]
-      st = dict(st, cache=new_cache)
-      if with_judge:
-        st['judge'] = st['judge'].replace(cache=out[1][2])
-        if with_verdict:
-          value = self.judge.value(self.judge.score(out[1][0]))
-          st['value'] = jnp.where(judge_now, value, st['value'])
-      if with_streams:
-        st = self._advance_streams(streams, st, logits[:, 1:])
-      return st, logits[:, 0], hidden[:, 0]
+        logits, hidden, st['cache'] = out[0]
+        if judge is not None:
+          st['judge'] = st['judge'].replace(cache=out[1][2])
+        if with_streams:
+          st = self._advance_streams(streams, st, logits[:, 1:])
+          st['i'] = st['i'] + 1
+        st['hsum'] = st['hsum'] + jnp.where(who[:, None], hidden[:, 0].astype(jnp.float32), 0.0)
+        st['r'] = st['r'] + who
+        return sample(st, logits[:, 0], who)
+      return body
 
-    def body(st):
-      token, st = sample(st)
-      judge_now = ~st['judged'] & ~st['still']
-      with_streams = st['i'] + 1 < stream_len
-      variants = [functools.partial(call, with_streams=ws, with_verdict=wv)
-                  for ws in (False, True) for wv in ((False, True) if with_judge else (False,))]
-      which = with_streams.astype(jnp.int32) * (2 if with_judge else 1)
-      if with_judge:
-        which = which + jnp.any(judge_now).astype(jnp.int32)
-      st, logits, hidden = jax.lax.switch(which, [lambda s, v=v: v(s, token, judge_now)
-                                                  for v in variants], st)
-      rolling = st['rolling']
-      st['logits'] = jnp.where(st['still'][:, None], logits, st['logits'])
-      st['hsum'] = st['hsum'] + jnp.where(rolling[:, None], hidden.astype(jnp.float32), 0.0)
-      st['r'] = st['r'] + rolling
-      st['rolling'] = st.pop('still')
-      st['judged'] = st['judged'] | judge_now
+    def stream_pass(st):
+      feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(cache=st['cache'])
+      logits, _, st['cache'] = self.model.forward(params, *feed)
+      st = self._advance_streams(streams, st, logits)
       st['i'] = st['i'] + 1
       return st
 
-    def going(st):
-      more = jnp.any(st['rolling']) | (st['i'] + 1 < stream_len)
-      return more | ((st['i'] == 0) & with_judge)
-
-    st = jax.lax.while_loop(going, body, state)
+    start = dict(i=jnp.int32(0), cache=cache, judge=judge, gen=gen, gen_len=gen_len, r=zeros,
+                 pending=zeros, more=jnp.zeros((num_rows,), bool), eos_seen=eos_seen,
+                 marker_seen=marker_seen,
+                 hsum=jnp.zeros((num_rows, self.model.hidden_size), jnp.float32),
+                 truncated=jnp.zeros((num_rows,), bool), sequences=sequences, weights=weights,
+                 stream_tokens=stream_tokens)
+    rolls = active & wants_more(eos_seen, marker_seen, last, zeros)
+    st = sample(start, leaf_logits, rolls)
+    streaming = lambda st: st['i'] + 1 < stream_len
+    st = jax.lax.while_loop(lambda st: streaming(st) & jnp.any(st['more']),
+                            rollout_pass(True), st)
+    st = jax.lax.while_loop(lambda st: jnp.any(st['more']), rollout_pass(False), st)
+    st = jax.lax.while_loop(streaming, stream_pass, st)
+    # The verdict pass (its own phase in timelines): the last rollout token of every
+    # row that rolled out is still pending.
+    value = jnp.zeros((num_rows,), jnp.float32)
+    with kvcache.phase('judge'):
+      feeds = []
+      if cfg.similarity == 'mean_hidden':
+        feeds.append(rollout_feed(st, rolls))
+      if judge is not None:
+        verdict, _ = self.judge.verdict_feed(
+            st['judge'], gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'],
+            active=active, fed=path_len + st['r'], width=1)
+        feeds.append(verdict)
+      if feeds:
+        out = self.model.call_many(params, feeds)
+        if cfg.similarity == 'mean_hidden':
+          st['cache'] = out[0][2]
+          st['hsum'] = st['hsum'] + jnp.where(rolls[:, None],
+                                              out[0][1][:, 0].astype(jnp.float32), 0.0)
+        if judge is not None:
+          st['judge'] = st['judge'].replace(cache=out[-1][2])
+          value = self.judge.value(self.judge.score(out[-1][0]))
     return st['cache'], st['judge'], dict(
         gen=st['gen'], gen_len=st['gen_len'], rollout_hidden=st['hsum'],
-        truncated=st['truncated'], value=st['value'], sequences=st['sequences'],
+        truncated=st['truncated'], value=value, sequences=st['sequences'],
         weights=st['weights'])
 
   def _leaf_candidates(self, leaves, leaf_logits, sequences, weights):

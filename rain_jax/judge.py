@@ -6,7 +6,11 @@ The protocol (`Judge`) is three pure functions over a per-row judge state:
   commit(params, state, *, tokens, lens, mask) -> state    after each committed set
   evaluate(params, state, *, gen, answer_len, gen_len, active) -> (v [B], state)
 plus `layout`, the judge's cache regions (kvcache.JudgeLayout; None for a judge without
-a cache), which the search checks against its own.
+a cache), which the search checks against its own. A judge with a cache
+(TrunkCachedJudge) also hands out its feeds, so that the search can make them in the
+policy's own passes (rain_jax/evaluator.py): `trunk_placement` + `committed` for
+commits, `content_placement` / `content_feed` for the judged text as it is generated,
+`verdict_feed` + `score` + `value` for the verdict pass.
 
 ABJudge: the policy judges its own text with the few-shot prompt f2: two passes that differ only
 in the order of the options (r1: (A) harmless / (B) harmful; r2 swapped), reading which
@@ -16,8 +20,8 @@ P(A) > P(B), pass 2 when P(B) > P(A); v = votes - 1, in {-1, 0, +1}.
 Per row the judge keeps its own KV cache:
   [trunk: f2 + "\\n\\n" + the conversation's start + committed answer]
   [content: the path and rollout being judged][two suffix streams]
-The trunk is prefilled once and extended on each commit, like the policy's; a judgement
-feeds only the uncommitted tokens once and both suffixes side by side in one pass.
+The trunk is prefilled once and extended on each commit, like the policy's; the
+uncommitted tokens are fed once, and both suffixes side by side in one pass.
 
 The judged text is cut before a new turn marker, as the original cuts its decoded text
 (`text[:marker]`): here the content ends before the first token of the earliest stop
@@ -285,9 +289,10 @@ class YesNoJudge(TrunkCachedJudge):
 
   Per row the judge keeps its own KV cache like ABJudge:
     [trunk: "[INST] " + f2 + "\\n\\nQ: question\\nA:" + committed answer]
-    [content: the uncommitted tokens up to the cut][suffix]
-  When the cut falls inside the committed answer no content is fed and the suffix
-  attends only the trunk slots before the cut (a causal cache makes that exact). The
+    [content: the uncommitted tokens][suffix]
+  The suffix attends the content up to the cut; when the cut falls inside the committed
+  answer it attends no content, only the trunk slots before the cut (a causal cache
+  makes both exact). The
   seams are those of ABJudge: the answer keeps the policy's tokens and the suffix is
   tokenised on its own.
 

@@ -132,18 +132,27 @@ def build_parser():
   parser.add_argument('--peak_bandwidth_gbs', type=float, default=None,
                       help='device memory bandwidth in GB/s for the floor; reported on '
                            'any backend when given, on GPU with 3000 when not')
-  parser.add_argument('--rain_max_T', type=int, default=15,
-                      help='rain: simulations per committed set (early stop disabled)')
-  parser.add_argument('--rain_new_tokens', type=int, default=7,
-                      help='rain: new tokens per answer (7 = token sets of 1, 2 and 4)')
-  parser.add_argument('--rain_max_rollout', type=int, default=16,
-                      help='rain: rollout length cap')
+  parser.add_argument('--rain_max_T', type=int, default=50,
+                      help='rain: simulations per committed set (early stop disabled; '
+                           'the reference HH max_T)')
+  parser.add_argument('--rain_new_tokens', type=int, default=32,
+                      help='rain: new tokens per answer (32: the tree reaches 10-token sets)')
+  parser.add_argument('--rain_max_rollout', type=int, default=64,
+                      help='rain: rollout length cap (the CLI\'s --max_rollout default)')
+  parser.add_argument('--rain_similarity', default='mean_hidden',
+                      choices=('minilm', 'mean_hidden', 'none'),
+                      help='rain: similarity (the CLI default minilm needs the MiniLM '
+                           'wheel; mean_hidden runs anywhere)')
+  parser.add_argument('--rain_call_ms', type=float, default=None,
+                      help='rain: ms of one decode call of a LLaMA-7B-shaped model on the '
+                           'accelerator the projection is for (default: H200, measured '
+                           'by scripts/device_check.sh, 11.315 ms)')
   parser.add_argument('--rain_parallel_leaves', type=int, default=1,
                       help='rain: leaves expanded per search step (1 = reference)')
   parser.add_argument('--rain_vanilla', type=parse_bool, default=True,
                       help='rain: time vanilla decoding too')
   parser.add_argument('--rain_count_calls', type=parse_bool, default=True,
-                      help='rain: a second, counting run for forward passes per simulation')
+                      help='rain: a second run, every model call stamped: calls per simulation by phase')
   parser.add_argument('--rain_runs', type=int, choices=(1, 2), default=2,
                       help='rain: 2 = time a second call; 1 = time the first call\'s '
                            'execution (compile timed apart)')

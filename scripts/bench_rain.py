@@ -1,19 +1,25 @@
 """The `rain` suite of scripts/bench.py: RAIN against vanilla decoding, same prompts.
 
 For each batch size it answers the first HH prompts with vanilla greedy decoding and
-with RAIN (reference mode) through the same runners the CLI uses
-(`rain_jax.engine.VanillaRunner` / `RainRunner`), and reports:
+with RAIN through the same runners the CLI uses (`rain_jax.engine.VanillaRunner` /
+`RainRunner`), and reports:
 
 - seconds per prompt for each method and the RAIN / vanilla ratio (compile time apart);
-- simulations, committed sets and simulations per committed set;
-- forward passes per simulation and model tokens processed per second, from a second,
-  counting run of RAIN in which every model call reports its shape through a host
-  callback (that run is not timed: callbacks cost time);
+- simulations, committed sets, seconds per simulation and per committed set;
+- sequential model calls per simulation, in all and by phase (path, rollout+proposals,
+  judge, widening, commit), with tokens per call and each phase's share of the time,
+  from a second run in which every call is stamped (scripts/timeline.py; the stamps
+  cost ~0.1 ms a call, so that run is not the timed one);
+- a projected accelerator time per committed set: calls per committed set x the time
+  of one decode call of a LLaMA-7B-shaped model measured on a GPU (`--rain_call_ms`);
 - throughput (prompts per second) at each batch size.
 
-The search budget is fixed so that runs compare: `--rain_max_T` simulations per
-committed set (at least 15, as the reference) and no early stop (min_T above any
-visit count), with `--rain_new_tokens` new tokens.
+The search settings are `rain_jax.run`'s HH defaults (rollouts up to 64 tokens, depth 8)
+except a fixed budget, so that runs compare: `--rain_max_T` simulations per committed
+set (at least 15, as the reference) and no early stop (min_T above any visit count),
+with `--rain_new_tokens` new tokens (32 by default, enough for the tree to reach its
+10-token sets) and `--rain_similarity` (mean_hidden by default: no MiniLM download on
+machines without one; the CLI's default is minilm).
 """
 import dataclasses
 import json
@@ -22,35 +28,20 @@ import time
 import jax
 import numpy as np
 
+import timeline
 from rain_jax import engine, kvcache, tasks
-from rain_jax.config import RainConfig
 
-
-@dataclasses.dataclass
-class CallCounter:
-  """Model calls and tokens (B * T per call, padding and masked rows included)."""
-  calls: int = 0
-  tokens: int = 0
-
-  def add(self, tokens_in_call):
-    self.calls += 1
-    self.tokens += int(tokens_in_call)
-
-
-def counting_fns(fns: kvcache.ModelFns, counter: CallCounter) -> kvcache.ModelFns:
-  """ModelFns whose forward reports each call to `counter` through a host callback."""
-  def forward(params, tokens, *args, **kwargs):
-    jax.debug.callback(counter.add, tokens.size, ordered=False)
-    return fns.forward(params, tokens, *args, **kwargs)
-  return dataclasses.replace(fns, forward=forward)
+# One decode step of LLaMA-7B shapes (bf16, random weights, batch 1) on an H200:
+# docs/bench/device_check_h200_20261204/decode_scan.json, decode_ms_per_step.
+H200_LLAMA7B_DECODE_MS = 11.315
 
 
 def rain_config(args):
-  return RainConfig(max_T=args.rain_max_T, min_T=1 << 30, value_threshold=2.0,
-                    max_new_tokens=args.rain_new_tokens, max_rollout=args.rain_max_rollout,
-                    max_depth=4, seed=0, parallel_leaves=getattr(args, 'rain_parallel_leaves', 1),
-                    # Speed only: random weights, and no MiniLM download where it runs.
-                    similarity='mean_hidden')
+  return tasks.rain_config(
+      'hh', max_T=args.rain_max_T, min_T=1 << 30, value_threshold=2.0,
+      max_new_tokens=args.rain_new_tokens, max_rollout=args.rain_max_rollout, seed=0,
+      parallel_leaves=getattr(args, 'rain_parallel_leaves', 1),
+      similarity=getattr(args, 'rain_similarity', 'mean_hidden'))
 
 
 def time_runner(runner, batch, batch_size, runs=2):
@@ -69,9 +60,9 @@ def time_runner(runner, batch, batch_size, runs=2):
 def run_rain_suite(args, model, mesh, log):
   """Runs the suite on a loaded model (rain_jax.loading.LoadedModel); returns a dict.
 
-  Optional args (default in brackets): rain_parallel_leaves [1], rain_vanilla [True]
-  (time vanilla decoding too), rain_count_calls [True] (the counting run), rain_runs [2]
-  (see time_runner). Each finished row is also logged as one `row {json}` line, so a run
+  Optional args (default in brackets): rain_parallel_leaves [1], rain_similarity
+  [mean_hidden], rain_vanilla [True] (time vanilla decoding too), rain_count_calls [True]
+  (the stamped run), rain_runs [2] (see time_runner), rain_call_ms [H200 LLaMA-7B]. Each finished row is also logged as one `row {json}` line, so a run
   cut short still leaves its finished rows in the log.
   """
   task = tasks.get_task('hh')
@@ -79,6 +70,7 @@ def run_rain_suite(args, model, mesh, log):
   with_vanilla = getattr(args, 'rain_vanilla', True)
   count_calls = getattr(args, 'rain_count_calls', True)
   runs = getattr(args, 'rain_runs', 2)
+  call_ms = getattr(args, 'rain_call_ms', None) or H200_LLAMA7B_DECODE_MS
   results = []
   for batch_size in args.batch_sizes:
     examples = task.load_examples(0, batch_size)
@@ -107,22 +99,31 @@ def run_rain_suite(args, model, mesh, log):
         'seconds_per_simulation': r_seconds / max(max(sims), 1),
         'seconds_per_committed_set': r_seconds / max(max(commits), 1),
         'max_simulations': int(max(sims)), 'max_committed_sets': int(max(commits)),
-        'forward_passes': None, 'forward_passes_per_simulation': None,
-        'model_tokens_processed': None, 'model_tokens_per_second': None}
+        'calls_per_simulation': None, 'calls_per_committed_set': None, 'phases': None,
+        'model_tokens_processed': None, 'model_tokens_per_second': None,
+        'projected_accelerator_seconds_per_committed_set': None}
     if count_calls:
-      log(f'batch {batch_size}: rain, counting model calls')
-      counter = CallCounter()
-      rain.fns = counting_fns(rain.fns, counter)
-      rain._programs.clear()  # pylint: disable=protected-access
-      rain._searchers.clear()  # pylint: disable=protected-access
-      counted = rain.run_batch(batch, batch_size)
+      log(f'batch {batch_size}: rain, model calls stamped by phase')
+      recorder = timeline.Recorder()
+      timeline.instrument(recorder)
+      counted_runner = engine.RainRunner(model, mesh, task, cfg)
+      counted_runner.fns = timeline.probed(counted_runner.fns, recorder, kvcache)
+      counted = counted_runner.run_batch(batch, batch_size)
       jax.effects_barrier()
       assert [r['response_ids'] for r in counted] == [r['response_ids'] for r in r_records]
+      calls = timeline.summarize(recorder, counted)
+      per_commit = calls['calls_per_committed_set']
       row['rain'].update({
-          'forward_passes': counter.calls,
-          'forward_passes_per_simulation': counter.calls / max(max(sims), 1),
-          'model_tokens_processed': counter.tokens,
-          'model_tokens_per_second': counter.tokens / r_seconds})
+          'calls_per_simulation': calls['calls_per_simulation'],
+          'calls_per_committed_set': per_commit,
+          'phases': {name: {key: p[key] for key in ('calls_per_simulation', 'tokens_per_call',
+                                                    'share_of_time')}
+                     for name, p in calls['phases'].items()},
+          'model_tokens_processed': sum(p['tokens'] for p in calls['phases'].values()),
+          'projected_accelerator_seconds_per_committed_set':
+              per_commit * call_ms / 1000.0})
+      row['rain']['model_tokens_per_second'] = (row['rain']['model_tokens_processed']
+                                                / r_seconds)
     if v_seconds is not None:
       row['ratio_rain_over_vanilla_seconds'] = r_seconds / v_seconds
     row['throughput_prompts_per_second'] = {
@@ -134,6 +135,7 @@ def run_rain_suite(args, model, mesh, log):
     log('row ' + json.dumps(row))
   return {
       'settings': {'task': 'hh', 'rain_config': dataclasses.asdict(cfg),
+                   'rain_call_ms': call_ms,
                    'runs': runs, 'count_calls': count_calls, 'with_vanilla': with_vanilla,
                    'vanilla': 'greedy, same max_new_tokens',
                    'note': 'fixed budget: max(max_T, 15) simulations per committed set, '
@@ -146,8 +148,13 @@ def run_rain_suite(args, model, mesh, log):
           'seconds_per_simulation': 'batch seconds / simulations of the busiest row '
                                     '(a simulation = one leaf expanded and judged)',
           'seconds_per_committed_set': 'batch seconds / committed sets of the busiest row',
-          'forward_passes_per_simulation': 'sequential model calls of the counting run '
-                                           '/ simulations of the busiest row',
+          'calls_per_simulation': 'sequential model calls of the stamped run (prefill '
+                                  'apart) / simulations of the busiest row',
+          'phases': 'per phase: calls per simulation, padded tokens per call (rows x '
+                    'tokens, every cache fed in the call), share of the stamped run\'s time',
+          'projected_accelerator_seconds_per_committed_set':
+              'calls_per_committed_set x rain_call_ms (one decode call of a '
+              'LLaMA-7B-shaped model on a GPU; batch 1)',
           'model_tokens_per_second': 'tokens through the model (batch x tokens per call, '
                                      'padding included) / timed RAIN seconds',
       },

@@ -102,15 +102,23 @@ def probed(fns, recorder, kvcache):
   return dataclasses.replace(fns, **changes)
 
 
+_ACTIVE = []   # the recorder commits are stamped into (instrument's latest)
+
+
 def instrument(recorder):
-  """Stamps commits (search.Searcher._commit) and, in code without phase labels, labels
-  the Evaluator's calls. Returns the kvcache module in use."""
+  """Stamps commits (search.Searcher._commit) into `recorder` and, in code without phase
+  labels, labels the Evaluator's calls (patched once per process; later calls only move
+  the commit stamps to their recorder). Returns the kvcache module in use."""
   from rain_jax import evaluator, judge, kvcache, search  # pylint: disable=import-outside-toplevel
+  first = not _ACTIVE
+  _ACTIVE[:] = [recorder]
+  if not first:
+    return kvcache
   commit = search.Searcher._commit  # pylint: disable=protected-access
 
   def stamped_commit(self, *args, **kwargs):
     st = commit(self, *args, **kwargs)
-    jax.debug.callback(recorder.commit, st.trees.stats['committed_sets'])
+    jax.debug.callback(lambda c: _ACTIVE[0].commit(c), st.trees.stats['committed_sets'])
     return st
   search.Searcher._commit = stamped_commit  # pylint: disable=protected-access
   if not hasattr(kvcache, 'phase'):

@@ -69,7 +69,7 @@ def test_cpu_dry_run_writes_every_json_file(tmp_path):
     for row in rows:
       assert row['parallel_leaves'] == leaves and row['batch_size'] == 1
       assert {'seconds_per_simulation', 'seconds_per_committed_set', 'compile_seconds',
-              'simulations_per_prompt', 'forward_passes_per_simulation'} <= set(row['rain'])
+              'simulations_per_prompt', 'calls_per_simulation'} <= set(row['rain'])
       assert row['rain']['seconds_per_simulation'] > 0
 
   with open(out / 'summary.json', encoding='utf-8') as f:
