@@ -38,7 +38,14 @@ class RowState:
   trunk_len: tokens in the policy trunk (prompt + answer); maxlen: the reference maxlen,
   capped by prompt + max_new_tokens - 1; root_logits [R, V]: next-token logits after the
   trunk; answer [R, A_cap], answer_len: committed tokens; last_token: last token of
-  prompt + answer; seeds: the row's prompt noise seed (uint32)."""
+  prompt + answer; seeds: the row's prompt noise seed (uint32).
+
+  What the regions hold since the last commit, so that a path is fed only from where it
+  departs from them (a causal cache makes a shared prefix's keys and values the same):
+  path_ids [R, P_cap] / path_valid [R]: the policy's path region; path_hidden
+  [R, P_cap, H'] its final hidden states (H' = H for 'mean_hidden', else 0);
+  content_ids [R, C'] / content_valid [R]: a cached judge's content region (C' its
+  content_cap, 0 without one)."""
   cache: Any
   judge: Any
   trunk_len: jax.Array
@@ -48,6 +55,11 @@ class RowState:
   answer_len: jax.Array
   last_token: jax.Array
   seeds: jax.Array
+  path_ids: jax.Array
+  path_valid: jax.Array
+  path_hidden: jax.Array
+  content_ids: jax.Array
+  content_valid: jax.Array
 
 
 @flax.struct.dataclass
@@ -69,6 +81,21 @@ class Leaves:
   depth_limited: jax.Array
   active: jax.Array
   sim: jax.Array
+
+
+def _shared_prefix(held, held_len, tokens, length):
+  """[R]: how many leading tokens of tokens[r, :length[r]] equal held[r, :held_len[r]]."""
+  width = min(held.shape[1], tokens.shape[1])
+  j = jnp.arange(width)[None, :]
+  same = ((held[:, :width] == tokens[:, :width]) & (j < held_len[:, None])
+          & (j < length[:, None]))
+  return jnp.sum(jnp.cumprod(same, axis=1), axis=1).astype(jnp.int32)
+
+
+def _shift_left(tokens, start):
+  """tokens [R, X] with row r starting at start[r] (the tail filled with its last)."""
+  j = jnp.arange(tokens.shape[1])[None, :] + start[:, None]
+  return jnp.take_along_axis(tokens, jnp.minimum(j, tokens.shape[1] - 1), axis=1)
 
 
 def _concat_feeds(a: kvcache.Feed, b: kvcache.Feed) -> kvcache.Feed:
@@ -199,7 +226,14 @@ class Evaluator:
         answer=jnp.zeros((num_rows, layout.answer_cap), jnp.int32),
         answer_len=jnp.zeros((num_rows,), jnp.int32),
         last_token=jnp.take_along_axis(prompt_tokens, (prompt_lens - 1)[:, None], 1)[:, 0],
-        seeds=seeds)
+        seeds=seeds, path_ids=jnp.zeros((num_rows, layout.path_cap), jnp.int32),
+        path_valid=jnp.zeros((num_rows,), jnp.int32),
+        path_hidden=jnp.zeros((num_rows, layout.path_cap,
+                               self.model.hidden_size if cfg.similarity == 'mean_hidden'
+                               else 0), jnp.float32),
+        content_ids=jnp.zeros((num_rows, self.judge.layout.content_cap
+                               if self._cached_judge else 0), jnp.int32),
+        content_valid=jnp.zeros((num_rows,), jnp.int32))
 
   def commit(self, params, tables: SearchTables, rows: RowState, tokens, lens, ok):
     """Appends tokens [R, L] (lens [R] real; rows where ok [R]) to the answer and both
@@ -210,7 +244,8 @@ class Evaluator:
     with kvcache.phase('commit'):
       if self._cached_judge:
         (cache, judge_cache), _, logits = kvcache.feed_tokens_many(
-            self.model, params, (rows.cache, rows.judge.cache), tokens=tokens, lengths=lens,
+            self.model, params, (rows.cache, rows.judge.cache), tokens=(tokens, tokens),
+            lengths=(lens, lens),
             at=(kvcache.after_trunk(rows.trunk_len, layout.num_slots),
                 self.judge.trunk_placement(rows.judge)), chunk=cfg.max_tokens_per_node)
         judge = self.judge.committed(rows.judge, judge_cache, lens)
@@ -232,6 +267,8 @@ class Evaluator:
         & cfg.search_stops_at_turn_marker,
         max_new_tokens=answer_len >= cfg.max_new_tokens)
     return rows.replace(
+        path_valid=jnp.where(ok, 0, rows.path_valid),
+        content_valid=jnp.where(ok, 0, rows.content_valid),
         cache=cache, judge=judge, trunk_len=rows.trunk_len + lens,
         root_logits=jnp.where(ok[:, None], logits, rows.root_logits),
         answer=answer, answer_len=answer_len,
@@ -256,13 +293,12 @@ class Evaluator:
     terminal = self._terminal(tables, rows, leaves, eos_seen, marker_seen)
     expand = leaves.active & ~terminal & ~leaves.depth_limited
     with kvcache.phase('path'):
-      cache, judge, path_hidden, leaf_logits = self._feed_path(
-          params, rows, leaves.path_tokens, leaves.path_len,
-          judge=rows.judge if self._cached_judge else None)
+      rows, leaf_logits = self._feed_path(params, rows, leaves.path_tokens, leaves.path_len,
+                                          with_judge=self._cached_judge)
     with kvcache.phase('rollout+proposals'):
       cache, judge, out = self._rollout_and_proposals(
-          params, tables, rows, leaves, (cache, judge), leaf_logits,
-          (gen, gen_len, eos_seen, marker_seen), expand)
+          params, tables, rows, leaves, (rows.cache, rows.judge if self._cached_judge else None),
+          leaf_logits, (gen, gen_len, eos_seen, marker_seen), expand)
     if not self._cached_judge:
       out['value'], judge = self.judge.evaluate(params, rows.judge, gen=out['gen'],
                                                 answer_len=rows.answer_len,
@@ -271,7 +307,12 @@ class Evaluator:
                                        out['weights'])
     top_ids, top_logits = propose.top_logits(leaf_logits, cfg.max_children)
     embeddings = self._node_embeddings(embed_params, rows, leaves, (out['gen'], out['gen_len']),
-                                       path_hidden, out['rollout_hidden'])
+                                       rows.path_hidden, out['rollout_hidden'])
+    if self._cached_judge:   # the content region now holds the path, the rollout fed
+      content = jnp.take_along_axis(out['gen'], jnp.clip(
+          rows.answer_len[:, None] + jnp.arange(rows.content_ids.shape[1])[None, :], 0,
+          out['gen'].shape[1] - 1), axis=1)
+      rows = rows.replace(content_ids=content, content_valid=out['content_fed'])
     return rows.replace(cache=cache, judge=judge), Evaluation(
         value=out['value'], expand=expand, candidates=candidates, top_ids=top_ids,
         top_logits=top_logits, embeddings=embeddings, truncated=out['truncated'])
@@ -281,7 +322,8 @@ class Evaluator:
     stored top logits (§5). Returns (rows with the new cache, Candidates [R, 2, ...])."""
     cfg = self.cfg
     with kvcache.phase('widening'):
-      cache, _, _, _ = self._feed_path(params, rows, query.path_tokens, query.path_len)
+      rows, _ = self._feed_path(params, rows, query.path_tokens, query.path_len)
+      cache = rows.cache
       first = jax.vmap(lambda i, v: propose.dense_from_top(i, v, self.model.vocab_size))(
           query.top_ids, query.top_logits)
       num_streams = cfg.widen_attempts + 1
@@ -304,24 +346,44 @@ class Evaluator:
     policy's passes. A judge without one (layout None) is asked `evaluate` instead."""
     return self.judge.layout is not None
 
-  def _feed_path(self, params, rows, path_tokens, path_len, judge=None):
-    """Feeds the path after the trunk, and into the judge's content region when `judge`
-    (a judge state) is given, in the same passes. Returns (cache, judge state, hidden
-    [R, P_cap, H], logits [R, V] after the path (the root's logits where the path is
-    empty))."""
+  def _feed_path(self, params, rows, path_tokens, path_len, with_judge=False):
+    """Feeds the path after the trunk, and into the judge's content region when
+    `with_judge`, in the same passes; each region is fed only from where the path departs
+    from what it holds (the policy at least the path's last token, whose logits are
+    needed). Returns (rows with caches and region records updated, logits [R, V] after
+    the path (the root's logits where the path is empty))."""
     layout = self.layout
-    caches = (rows.cache,) if judge is None else (rows.cache, judge.cache)
-    at = (kvcache.Placement(layout.path_base, rows.trunk_len,
-                            kvcache.slot_range_mask(layout.num_slots, 0, rows.trunk_len)),)
-    if judge is not None:
-      at += (self.judge.content_placement(judge),)
+    slots = layout.num_slots
+    start = jnp.minimum(_shared_prefix(rows.path_ids, rows.path_valid, path_tokens, path_len),
+                        jnp.maximum(path_len - 1, 0))
+    trunk = kvcache.slot_range_mask(slots, 0, rows.trunk_len)
+    caches, tokens, lengths = [rows.cache], [_shift_left(path_tokens, start)], [path_len - start]
+    at = [kvcache.Placement(layout.path_base + start, rows.trunk_len + start,
+                            trunk | kvcache.slot_range_mask(slots, layout.path_base, start))]
+    if with_judge:
+      kept = _shared_prefix(rows.content_ids, rows.content_valid, path_tokens, path_len)
+      content = self.judge.content_placement(rows.judge)
+      jslots = self.judge.layout.num_slots
+      caches.append(rows.judge.cache)
+      tokens.append(_shift_left(path_tokens, kept))
+      lengths.append(path_len - kept)
+      at.append(kvcache.Placement(
+          content.slot_base + kept, content.start_position + kept,
+          content.context | kvcache.slot_range_mask(jslots, content.slot_base, kept)))
     caches, hidden, logits = kvcache.feed_tokens_many(
-        self.model, params, caches, tokens=path_tokens, lengths=path_len, at=at,
-        chunk=self.cfg.feed_chunk)
-    if judge is not None:
-      judge = judge.replace(cache=caches[1])
-    return (caches[0], judge, hidden,
-            jnp.where((path_len > 0)[:, None], logits, rows.root_logits))
+        self.model, params, tuple(caches), tokens=tuple(tokens), lengths=tuple(lengths),
+        at=tuple(at), chunk=self.cfg.feed_chunk)
+    path_hidden = rows.path_hidden
+    if path_hidden.shape[-1]:   # fed hidden states [R, P_cap, H] start at `start`
+      j = jnp.arange(layout.path_cap)[None, :]
+      moved = jnp.take_along_axis(hidden, jnp.clip(j - start[:, None], 0,
+                                                   layout.path_cap - 1)[..., None], axis=1)
+      path_hidden = jnp.where((j >= start[:, None])[..., None], moved, path_hidden)
+    rows = rows.replace(cache=caches[0], path_ids=path_tokens, path_valid=path_len,
+                        path_hidden=path_hidden)
+    if with_judge:
+      rows = rows.replace(judge=rows.judge.replace(cache=caches[1]))
+    return rows, jnp.where((path_len > 0)[:, None], logits, rows.root_logits)
 
   def _context_after_path(self, rows, path_len):
     """[R, S]: the trunk and the path's slots."""
@@ -506,7 +568,7 @@ class Evaluator:
     return st['cache'], st['judge'], dict(
         gen=st['gen'], gen_len=st['gen_len'], rollout_hidden=st['hsum'],
         truncated=st['truncated'], value=value, sequences=st['sequences'],
-        weights=st['weights'])
+        weights=st['weights'], content_fed=path_len + st['r'] + rolls)
 
   def _leaf_candidates(self, leaves, leaf_logits, sequences, weights):
     """The leaf's children candidates (§3): the top one-token ids when its children hold

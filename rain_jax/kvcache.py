@@ -18,6 +18,7 @@ Shapes: B rows, T tokens per pass, S slots, V vocabulary, H hidden size.
 """
 import contextlib
 import dataclasses
+import functools
 import itertools
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -214,43 +215,47 @@ def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, at: Placemen
   row's last real token; zeros where lengths[b] == 0). Padding tokens write slots past
   the real ones, which no mask includes until they are written again.
   """
-  (cache,), hidden, logits = feed_tokens_many(model, params, (cache,), tokens=tokens,
-                                              lengths=lengths, at=(at,), chunk=chunk)
+  (cache,), hidden, logits = feed_tokens_many(model, params, (cache,), tokens=(tokens,),
+                                              lengths=(lengths,), at=(at,), chunk=chunk)
   return cache, hidden, logits
 
 
 def feed_tokens_many(model: ModelFns, params, caches, *, tokens, lengths, at, chunk):
-  """`feed_tokens` of the same tokens into several caches at once: caches[g] placed by
-  at[g] (a Placement each), every chunk one `ModelFns.call_many` pass for all of them
-  (the search feeds a path to the policy and to its judge together). Returns (caches,
-  hidden, logits) with hidden and logits those of caches[0]'s feed."""
-  batch, width = tokens.shape
-  tokens = jnp.pad(tokens, ((0, 0), (0, round_up(width, chunk) - width)))
+  """`feed_tokens` into several caches at once: tokens[g] [B, X] (lengths[g] [B] real)
+  into caches[g], placed by at[g], every chunk one `ModelFns.call_many` pass for all of
+  them (the search feeds a path to the policy and to its judge together). The loop runs
+  for the longest row of any feed. Returns (caches, hidden [B, X, H], logits) with
+  hidden and logits those of feed 0."""
+  batch, width = tokens[0].shape
+  if any(t.shape != tokens[0].shape for t in tokens):
+    raise ValueError(f'feeds of different shapes: {[t.shape for t in tokens]}')
+  num_chunks = -(-functools.reduce(jnp.maximum, [jnp.max(n) for n in lengths]) // chunk)
+  tokens = [jnp.pad(t, ((0, 0), (0, round_up(width, chunk) - width))) for t in tokens]
   slot_ids = [jnp.arange(a.context.shape[1]) for a in at]
   bases = [jnp.broadcast_to(jnp.asarray(a.slot_base, jnp.int32), (batch,)) for a in at]
-  hidden = jnp.zeros((batch, tokens.shape[1], model.hidden_size), jnp.float32)
+  hidden = jnp.zeros((batch, tokens[0].shape[1], model.hidden_size), jnp.float32)
   last_logits = jnp.zeros((batch, model.vocab_size), jnp.float32)
-  num_chunks = -(-jnp.max(lengths) // chunk)
   no_logits = jnp.zeros((batch, 0), jnp.int32)
+  last = lengths[0] - 1
 
   def body(carry):
     c, caches, hidden, last_logits = carry
     idx = c * chunk + jnp.arange(chunk)
-    toks = jax.lax.dynamic_slice_in_dim(tokens, c * chunk, chunk, axis=1)
-    last = lengths - 1 - c * chunk
-    here = (last >= 0) & (last < chunk)
     feeds = []
-    for g, (cache, a, slots, base) in enumerate(zip(caches, at, slot_ids, bases)):
+    for g, (cache, toks, a, slots, base) in enumerate(zip(caches, tokens, at, slot_ids, bases)):
+      toks = jax.lax.dynamic_slice_in_dim(toks, c * chunk, chunk, axis=1)
       write = base[:, None] + idx[None, :]                                   # [B, T]
       fed = ((slots[None, None, :] >= base[:, None, None])
              & (slots[None, None, :] <= write[:, :, None]))                  # [B, T, S]
       feeds.append(Feed(toks, a.start_position[:, None] + idx[None, :], cache, write,
                         a.context[:, None, :] | fed,
-                        jnp.clip(last, 0, chunk - 1)[:, None] if g == 0 else no_logits))
+                        jnp.clip(last - c * chunk, 0, chunk - 1)[:, None] if g == 0
+                        else no_logits))
     out = model.call_many(params, feeds)
     (logits, h, _), caches = out[0], tuple(o[2] for o in out)
     hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
                                                  axis=1)
+    here = (last - c * chunk >= 0) & (last - c * chunk < chunk)
     last_logits = jnp.where(here[:, None], logits[:, 0], last_logits)
     return c + 1, caches, hidden, last_logits
 
