@@ -83,6 +83,12 @@ class Leaves:
   sim: jax.Array
 
 
+# Path passes of feed_chunk, feed_chunk/2 and feed_chunk/4 tokens (kvcache.feed_tokens_many):
+# as many passes as feed_chunk alone, less padding. SmolLM2 on the 2-core CPU, HH,
+# 32-token answers: docs/measurements.md "Issue 12".
+PATH_FEED_TIERS = 3
+
+
 def _shared_prefix(held, held_len, tokens, length):
   """[R]: how many leading tokens of tokens[r, :length[r]] equal held[r, :held_len[r]]."""
   width = min(held.shape[1], tokens.shape[1])
@@ -372,7 +378,7 @@ class Evaluator:
           content.context | kvcache.slot_range_mask(jslots, content.slot_base, kept)))
     caches, hidden, logits = kvcache.feed_tokens_many(
         self.model, params, tuple(caches), tokens=tuple(tokens), lengths=tuple(lengths),
-        at=tuple(at), chunk=self.cfg.feed_chunk)
+        at=tuple(at), chunk=self.cfg.feed_chunk, tiers=PATH_FEED_TIERS)
     path_hidden = rows.path_hidden
     if path_hidden.shape[-1]:   # fed hidden states [R, P_cap, H] start at `start`
       j = jnp.arange(layout.path_cap)[None, :]

@@ -171,16 +171,16 @@ class TrunkCachedJudge:
     content = self.content_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
                                 fed=fed, width=width)
     visible, content_len = self.judged_span(state, gen, answer_len, gen_len)
-    tokens, offsets, stream_start, reads = self.suffix_streams()
-    slots = layout.suffix_base + jnp.asarray(offsets)                           # [T]
-    s = jnp.arange(layout.num_slots)
-    own = ((s[None, :] >= layout.suffix_base + jnp.asarray(stream_start)[:, None])
-           & (s[None, :] <= slots[:, None]))                                      # [T, S]
+    tokens, offsets, sees, reads = self.suffix_streams()
+    num = len(tokens)
+    slots = layout.suffix_base + jnp.arange(num)                               # [T]
+    own = np.zeros((num, layout.num_slots), bool)
+    own[:, layout.suffix_base:layout.suffix_base + num] = sees
+    own = jnp.asarray(own)                                                       # [T, S]
     seen = (kvcache.slot_range_mask(layout.num_slots, 0, visible)
             | kvcache.slot_range_mask(layout.num_slots, layout.content_base, content_len))
-    batch, num = gen.shape[0], len(tokens)
-    positions = (visible + content_len)[:, None] + (jnp.asarray(offsets)
-                                                    - jnp.asarray(stream_start))[None, :]
+    positions = (visible + content_len)[:, None] + jnp.asarray(offsets)[None, :]
+    batch = gen.shape[0]
     feed = kvcache.Feed(
         tokens=jnp.concatenate([content.tokens, jnp.broadcast_to(jnp.asarray(tokens, jnp.int32),
                                                                   (batch, num))], axis=1),
@@ -221,7 +221,7 @@ class ABJudge(TrunkCachedJudge):
   suffixes: token ids of "\\n" + r1 and "\\n" + r2. label_a, label_b: ids of "A" and "B"
   after "(". The layout's suffix region holds both suffixes side by side
   (`suffix_slots(suffixes)`); both are read in the verdict pass, each seeing the
-  judged text and itself.
+  judged text, their shared prefix and itself.
   """
   suffixes: tuple
   label_a: int
@@ -234,25 +234,38 @@ class ABJudge(TrunkCachedJudge):
     self._check_suffix_slots(self.suffix_slots(self.suffixes))
 
   @staticmethod
-  def suffix_slots(suffixes) -> int:
-    """Suffix slots the two suffixes need: two streams of the longer one's length."""
-    return 2 * max(len(s) for s in suffixes)
+  def shared_prefix(suffixes) -> int:
+    """Leading tokens the two suffixes share (fed once; r1 and r2 differ only from
+    where their options' order does)."""
+    first, second = suffixes
+    n = 0
+    while n < min(len(first), len(second)) and first[n] == second[n]:
+      n += 1
+    return n
 
-  @property
-  def suffix_width(self):
-    return max(len(s) for s in self.suffixes)
+  @staticmethod
+  def suffix_slots(suffixes) -> int:
+    """Suffix slots the two suffixes need: their shared prefix once, then each one's
+    rest."""
+    return sum(len(s) for s in suffixes) - ABJudge.shared_prefix(suffixes)
 
   def suffix_streams(self):
-    """(tokens [2W], slot offsets [2W], offset of each token's stream start [2W], reads
-    [2]): stream k = suffix k at offsets k*W .. k*W + W - 1 (zero padded), read at its
-    last real token."""
-    width = self.suffix_width
-    tokens = np.zeros((2, width), np.int32)
-    for k, ids in enumerate(self.suffixes):
-      tokens[k, :len(ids)] = ids
-    offsets = np.arange(2 * width)
-    return (tokens.reshape(-1), offsets, offsets // width * width,
-            np.asarray([len(self.suffixes[0]) - 1, width + len(self.suffixes[1]) - 1]))
+    """The verdict pass's suffix tokens: the shared prefix, then the rest of suffix 1,
+    then the rest of suffix 2, each rest seeing the prefix and itself. Returns (tokens
+    [T], position offsets [T] (from the end of the judged text), sees [T, T] bool
+    (which suffix tokens each attends), reads [2] (where each suffix ends))."""
+    first, second = self.suffixes
+    shared = self.shared_prefix(self.suffixes)
+    tokens = list(first) + list(second[shared:])
+    stream = np.asarray([0] * shared + [1] * (len(first) - shared)
+                        + [2] * (len(second) - shared))
+    offsets = np.concatenate([np.arange(len(first)), np.arange(shared, len(second))])
+    t = np.arange(len(tokens))
+    sees = (t[None, :] <= t[:, None]) & ((stream[None, :] == 0)
+                                        | (stream[None, :] == stream[:, None]))
+    return (np.asarray(tokens, np.int32), offsets, sees,
+            np.asarray([len(first) - 1, len(tokens) - 1 if len(second) > shared
+                        else len(second) - 1]))
 
   def judged_span(self, state, gen, answer_len, gen_len):
     """(visible trunk [B], judged content tokens [B]): the whole trunk, and the
@@ -328,9 +341,10 @@ class YesNoJudge(TrunkCachedJudge):
     return jnp.where(last >= 0, last + 1, gen_len)
 
   def suffix_streams(self):
-    """One stream: the suffix at offsets 0 .. W-1, read at its last token."""
+    """One stream: the suffix at offsets 0 .. W-1, causal, read at its last token."""
     width = len(self.suffix)
-    return (np.asarray(self.suffix, np.int32), np.arange(width), np.zeros(width, np.int32),
+    t = np.arange(width)
+    return (np.asarray(self.suffix, np.int32), t, t[None, :] <= t[:, None],
             np.asarray([width - 1]))
 
   def judged_span(self, state, gen, answer_len, gen_len):

@@ -220,48 +220,62 @@ def feed_tokens(model: ModelFns, params, cache, *, tokens, lengths, at: Placemen
   return cache, hidden, logits
 
 
-def feed_tokens_many(model: ModelFns, params, caches, *, tokens, lengths, at, chunk):
+def feed_tokens_many(model: ModelFns, params, caches, *, tokens, lengths, at, chunk,
+                     tiers=1):
   """`feed_tokens` into several caches at once: tokens[g] [B, X] (lengths[g] [B] real)
-  into caches[g], placed by at[g], every chunk one `ModelFns.call_many` pass for all of
-  them (the search feeds a path to the policy and to its judge together). The loop runs
-  for the longest row of any feed. Returns (caches, hidden [B, X, H], logits) with
-  hidden and logits those of feed 0."""
+  into caches[g], placed by at[g], every pass one `ModelFns.call_many` for all of them
+  (the search feeds a path to the policy and to its judge together). The passes run
+  for the longest row of any feed.
+
+  tiers > 1: passes of `chunk` tokens while more than chunk/2 remain, then at most one
+  pass of chunk/2 while more than chunk/4 remain, and so on: as many passes as chunks
+  of `chunk` alone, with less padding in the last one (which costs compute on a CPU,
+  never passes). Returns (caches, hidden [B, X, H], logits) with hidden and logits
+  those of feed 0."""
   batch, width = tokens[0].shape
   if any(t.shape != tokens[0].shape for t in tokens):
     raise ValueError(f'feeds of different shapes: {[t.shape for t in tokens]}')
-  num_chunks = -(-functools.reduce(jnp.maximum, [jnp.max(n) for n in lengths]) // chunk)
-  tokens = [jnp.pad(t, ((0, 0), (0, round_up(width, chunk) - width))) for t in tokens]
+  sizes = sorted({max(chunk >> i, 1) for i in range(tiers)}, reverse=True)
+  longest = functools.reduce(jnp.maximum, [jnp.max(n) for n in lengths])
+  padded = round_up(width, chunk) + chunk
+  tokens = [jnp.pad(t, ((0, 0), (0, padded - width))) for t in tokens]
   slot_ids = [jnp.arange(a.context.shape[1]) for a in at]
   bases = [jnp.broadcast_to(jnp.asarray(a.slot_base, jnp.int32), (batch,)) for a in at]
-  hidden = jnp.zeros((batch, tokens[0].shape[1], model.hidden_size), jnp.float32)
-  last_logits = jnp.zeros((batch, model.vocab_size), jnp.float32)
-  no_logits = jnp.zeros((batch, 0), jnp.int32)
   last = lengths[0] - 1
+  no_logits = jnp.zeros((batch, 0), jnp.int32)
 
-  def body(carry):
-    c, caches, hidden, last_logits = carry
-    idx = c * chunk + jnp.arange(chunk)
-    feeds = []
-    for g, (cache, toks, a, slots, base) in enumerate(zip(caches, tokens, at, slot_ids, bases)):
-      toks = jax.lax.dynamic_slice_in_dim(toks, c * chunk, chunk, axis=1)
-      write = base[:, None] + idx[None, :]                                   # [B, T]
-      fed = ((slots[None, None, :] >= base[:, None, None])
-             & (slots[None, None, :] <= write[:, :, None]))                  # [B, T, S]
-      feeds.append(Feed(toks, a.start_position[:, None] + idx[None, :], cache, write,
-                        a.context[:, None, :] | fed,
-                        jnp.clip(last - c * chunk, 0, chunk - 1)[:, None] if g == 0
-                        else no_logits))
-    out = model.call_many(params, feeds)
-    (logits, h, _), caches = out[0], tuple(o[2] for o in out)
-    hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), c * chunk,
-                                                 axis=1)
-    here = (last - c * chunk >= 0) & (last - c * chunk < chunk)
-    last_logits = jnp.where(here[:, None], logits[:, 0], last_logits)
-    return c + 1, caches, hidden, last_logits
+  def body(size):
+    def step(carry):
+      done, caches, hidden, last_logits = carry
+      idx = done + jnp.arange(size)
+      feeds = []
+      for g, (cache, toks, a, slots, base) in enumerate(zip(caches, tokens, at, slot_ids,
+                                                             bases)):
+        toks = jax.lax.dynamic_slice_in_dim(toks, done, size, axis=1)
+        write = base[:, None] + idx[None, :]                                 # [B, T]
+        fed = ((slots[None, None, :] >= base[:, None, None])
+               & (slots[None, None, :] <= write[:, :, None]))                # [B, T, S]
+        feeds.append(Feed(toks, a.start_position[:, None] + idx[None, :], cache, write,
+                          a.context[:, None, :] | fed,
+                          jnp.clip(last - done, 0, size - 1)[:, None] if g == 0
+                          else no_logits))
+      out = model.call_many(params, feeds)
+      (logits, h, _), caches = out[0], tuple(o[2] for o in out)
+      hidden = jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(jnp.float32), done,
+                                                   axis=1)
+      here = (last - done >= 0) & (last - done < size)
+      last_logits = jnp.where(here[:, None], logits[:, 0], last_logits)
+      return done + size, caches, hidden, last_logits
+    return step
 
-  _, caches, hidden, last_logits = jax.lax.while_loop(
-      lambda carry: carry[0] < num_chunks, body,
-      (jnp.int32(0), tuple(caches), hidden, last_logits))
+  carry = (jnp.int32(0), tuple(caches),
+           jnp.zeros((batch, padded, model.hidden_size), jnp.float32),
+           jnp.zeros((batch, model.vocab_size), jnp.float32))
+  for i, size in enumerate(sizes):
+    floor = sizes[i + 1] if i + 1 < len(sizes) else 0
+    carry = jax.lax.while_loop(lambda c, floor=floor: longest - c[0] > floor, body(size),
+                               carry)
+  _, caches, hidden, last_logits = carry
   return caches, hidden[:, :width], last_logits
 
 

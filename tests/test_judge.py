@@ -237,7 +237,7 @@ def test_random_cases_match_recomputation_and_cover_every_verdict(params):
     (dict(suffixes=((1, 2),)), 'two non-empty suffixes'),
     (dict(suffixes=((1, 2), ())), 'two non-empty suffixes'),
     (dict(layout=dataclasses.replace(LAYOUT, content_cap=12)), 'must be a multiple of chunk'),
-    (dict(layout=dataclasses.replace(LAYOUT, suffix_slots=2 * len(SUFFIXES[1]) - 1)),
+    (dict(layout=dataclasses.replace(LAYOUT, suffix_slots=ABJudge.suffix_slots(SUFFIXES) - 1)),
      'suffix slots'),
 ])
 def test_bad_judge_settings_raise(kwargs, message):
