@@ -428,9 +428,10 @@ class Evaluator:
     The passes, in order (each loop ends when nothing in it is left to feed):
       1. rollout token + the proposal streams' token i + the judge's content token;
       2. rollout token + the judge's content token (streams done);
-      3. the streams' token i (rollout done);
-      4. the verdict: the judge's last content token and suffixes (and, for
-         mean_hidden, the policy's last rollout token, whose hidden state it needs).
+      3. the verdict: the judge's last content token and suffixes, with the streams'
+         token i (kept if some row still decodes) and, for mean_hidden, the policy's
+         last rollout token, whose hidden state it needs;
+      4. the streams' token i (rollout done).
     The order of draws does not matter (counter-based noise), so every stream and the
     rollout get the tokens they would get alone. Separate loops rather than one loop
     with a switch between shapes: a conditional around the caches copies them (~18 ms a
@@ -524,7 +525,6 @@ class Evaluator:
           st['judge'] = st['judge'].replace(cache=out[1][2])
         if with_streams:
           st = self._advance_streams(streams, st, logits[:, 1:])
-          st['i'] = st['i'] + 1
         st['hsum'] = st['hsum'] + jnp.where(who[:, None], hidden[:, 0].astype(jnp.float32), 0.0)
         st['r'] = st['r'] + who
         return sample(st, logits[:, 0], who)
@@ -533,9 +533,7 @@ class Evaluator:
     def stream_pass(st):
       feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(cache=st['cache'])
       logits, _, st['cache'] = self.model.forward(params, *feed)
-      st = self._advance_streams(streams, st, logits)
-      st['i'] = st['i'] + 1
-      return st
+      return self._advance_streams(streams, st, logits)
 
     start = dict(i=jnp.int32(0), cache=cache, judge=judge, gen=gen, gen_len=gen_len, r=zeros,
                  pending=zeros, more=jnp.zeros((num_rows,), bool), eos_seen=eos_seen,
@@ -549,28 +547,31 @@ class Evaluator:
     st = jax.lax.while_loop(lambda st: streaming(st) & jnp.any(st['more']),
                             rollout_pass(True), st)
     st = jax.lax.while_loop(lambda st: jnp.any(st['more']), rollout_pass(False), st)
-    st = jax.lax.while_loop(streaming, stream_pass, st)
     # The verdict pass (its own phase in timelines): the last rollout token of every
-    # row that rolled out is still pending.
+    # row that rolled out is still pending; the streams' next token rides along (used
+    # only if some row still decodes).
     value = jnp.zeros((num_rows,), jnp.float32)
     with kvcache.phase('judge'):
-      feeds = []
+      policy = self._stream_feed(streams, st['stream_tokens'], st['i'])
       if cfg.similarity == 'mean_hidden':
-        feeds.append(rollout_feed(st, rolls))
+        policy = _concat_feeds(rollout_feed(st, rolls), policy)
+      feeds = [policy._replace(cache=st['cache'])]
       if judge is not None:
         verdict, _ = self.judge.verdict_feed(
             st['judge'], gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'],
             active=active, fed=path_len + st['r'], width=1)
         feeds.append(verdict)
-      if feeds:
-        out = self.model.call_many(params, feeds)
-        if cfg.similarity == 'mean_hidden':
-          st['cache'] = out[0][2]
-          st['hsum'] = st['hsum'] + jnp.where(rolls[:, None],
-                                              out[0][1][:, 0].astype(jnp.float32), 0.0)
-        if judge is not None:
-          st['judge'] = st['judge'].replace(cache=out[-1][2])
-          value = self.judge.value(self.judge.score(out[-1][0]))
+      out = self.model.call_many(params, feeds)
+      logits, hidden, st['cache'] = out[0]
+      if cfg.similarity == 'mean_hidden':
+        st['hsum'] = st['hsum'] + jnp.where(rolls[:, None], hidden[:, 0].astype(jnp.float32),
+                                            0.0)
+        logits = logits[:, 1:]
+      st = self._advance_streams(streams, st, logits, live=streaming(st))
+      if judge is not None:
+        st['judge'] = st['judge'].replace(cache=out[1][2])
+        value = self.judge.value(self.judge.score(out[1][0]))
+    st = jax.lax.while_loop(streaming, stream_pass, st)
     return st['cache'], st['judge'], dict(
         gen=st['gen'], gen_len=st['gen_len'], rollout_hidden=st['hsum'],
         truncated=st['truncated'], value=value, sequences=st['sequences'],
@@ -625,17 +626,19 @@ class Evaluator:
         write_index=jnp.broadcast_to(stream_slots[:, 0] + t, (num_rows, num_streams)),
         attn_mask=streams.context[:, None, :] | own[None])
 
-  def _advance_streams(self, streams: Streams, st, logits):
-    """After feeding token t = st['i'] of the streams (logits [R, A, V]): their token
-    t + 1 where rows decode that far (t + 1 < L: the callers feed no stream's last
-    token)."""
+  def _advance_streams(self, streams: Streams, st, logits, live=True):
+    """After feeding token i = st['i'] of the streams (logits [R, A, V]): their token
+    i + 1 where rows decode that far, and i + 1. live False (a scalar): the pass fed
+    nothing any stream needs, so nothing changes."""
     t = st['i'] + 1
     new_tokens, new_probs = self._choose(streams, logits, t)
-    live = (t < streams.num_tokens)[:, None]
-    sequences = st['sequences'].at[:, :, t].set(jnp.where(live, new_tokens, 0))
-    return dict(st, sequences=sequences,
-                weights=jnp.where(live, st['weights'] * new_probs, st['weights']),
-                stream_tokens=new_tokens)
+    here = live & (t < streams.num_tokens)[:, None]
+    at = jnp.minimum(t, self.cfg.max_tokens_per_node - 1)
+    sequences = st['sequences'].at[:, :, at].set(
+        jnp.where(here, new_tokens, st['sequences'][:, :, at]))
+    return dict(st, sequences=sequences, i=st['i'] + live,
+                weights=jnp.where(here, st['weights'] * new_probs, st['weights']),
+                stream_tokens=jnp.where(live, new_tokens, st['stream_tokens']))
 
   def _decode_streams(self, params, cache, streams: Streams):
     """Decodes the proposal streams alone (widening): num_tokens[r] tokens per row (the
@@ -647,8 +650,7 @@ class Evaluator:
       feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(
           cache=st['cache'])
       logits, _, cache = self.model.forward(params, *feed)
-      st = self._advance_streams(streams, dict(st, cache=cache), logits)
-      return dict(st, i=st['i'] + 1)
+      return self._advance_streams(streams, dict(st, cache=cache), logits)
 
     st = jax.lax.while_loop(
         lambda st: st['i'] + 1 < jnp.max(streams.num_tokens), body,

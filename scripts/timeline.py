@@ -51,8 +51,9 @@ class Recorder:
   def call(self, phase, tokens, _done):
     self.calls.append((time.perf_counter(), phase, int(tokens)))
 
-  def commit(self, committed):
-    self.commits.append((time.perf_counter(), np.asarray(committed).tolist()))
+  def commit(self, committed, step_sims):
+    self.commits.append((time.perf_counter(), np.asarray(committed).tolist(),
+                         np.asarray(step_sims).tolist()))
 
 
 _LABELS = ['other']
@@ -116,9 +117,11 @@ def instrument(recorder):
     return kvcache
   commit = search.Searcher._commit  # pylint: disable=protected-access
 
-  def stamped_commit(self, *args, **kwargs):
-    st = commit(self, *args, **kwargs)
-    jax.debug.callback(lambda c: _ACTIVE[0].commit(c), st.trees.stats['committed_sets'])
+  def stamped_commit(self, params, tables, st, mask):
+    step_sims = st.trees.step_sims
+    st = commit(self, params, tables, st, mask)
+    jax.debug.callback(lambda c, s: _ACTIVE[0].commit(c, s), st.trees.stats['committed_sets'],
+                       step_sims)
     return st
   search.Searcher._commit = stamped_commit  # pylint: disable=protected-access
   if not hasattr(kvcache, 'phase'):
@@ -169,14 +172,21 @@ def summarize(recorder, records):
     p['calls_per_simulation'] = p['calls'] / sims
     p['tokens_per_call'] = p['tokens'] / p['calls']
     p['share_of_time'] = p['seconds'] / total
-  first_commit = recorder.commits[0][0] - start if recorder.commits else None
+  first = None
+  if recorder.commits:   # the first commit of row 0 (its own stamps follow it)
+    end, _, step_sims = recorder.commits[0]
+    before = [c for c in calls[1:] if c[0] <= end and c[1] not in ('prefill', 'commit')]
+    first = {'seconds': end - start, 'simulations': step_sims[0],
+             'calls': len(before), 'calls_per_simulation': len(before) / step_sims[0],
+             'seconds_per_simulation': (end - start) / step_sims[0]}
   return {
       'simulations': sims, 'committed_sets': commits,
       'model_calls': len(calls), 'calls_per_simulation': search_calls / sims,
       'calls_per_committed_set': search_calls / max(commits, 1),
       'seconds': total, 'seconds_per_simulation': total / sims,
       'seconds_per_committed_set': total / max(commits, 1),
-      'first_committed_set_seconds': first_commit,
+      'first_committed_set_seconds': first and first['seconds'],
+      'first_committed_set': first,
       'phases': dict(sorted(phases.items(), key=lambda kv: -kv[1]['seconds'])),
       'answers': [r['response_ids'] for r in records],
   }
