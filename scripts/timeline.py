@@ -167,7 +167,8 @@ def summarize(recorder, records):
     p['tokens'] += tokens
     p['seconds'] += end - prev
   total = calls[-1][0] - start
-  search_calls = sum(p['calls'] for name, p in phases.items() if name != 'prefill')
+  search_calls = sum(p['calls'] for name, p in phases.items()
+                     if name not in ('prefill', 'commit'))
   for p in phases.values():
     p['calls_per_simulation'] = p['calls'] / sims
     p['tokens_per_call'] = p['tokens'] / p['calls']
@@ -201,7 +202,8 @@ def run_here(args):
   overrides = parse_overrides(args.rain)
   overrides['max_new_tokens'] = args.max_new_tokens
   cfg = tasks.rain_config(args.task, **overrides)
-  model = loading.load_model(model=args.model, dtype=args.dtype, scan_layers=True)
+  model = loading.load_model(model=args.model, dtype=args.dtype,
+                             scan_layers=args.scan_layers)
   mesh = sharding.make_mesh('1,1,1', jax.devices()[:1])
   task = tasks.get_task(args.task)
   runner = engine.RainRunner(model, mesh, task, cfg)
@@ -216,6 +218,7 @@ def run_here(args):
   report['batch_seconds'] = records[0]['batch_seconds']
   report['source'] = os.path.dirname(os.path.dirname(os.path.abspath(rain_jax.__file__)))
   report['rain_config'] = dataclasses.asdict(cfg)
+  report['scan_layers'] = args.scan_layers
   if args.calls_out:
     with open(args.calls_out, 'w', encoding='utf-8') as f:
       for t, phase, tokens in recorder.calls:
@@ -246,6 +249,8 @@ def build_parser():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--model', default='smollm2-135m-instruct', help='registry model')
   parser.add_argument('--dtype', default='float32')
+  parser.add_argument('--scan_layers', type=lambda v: v.lower() in ('1', 'true'),
+                      default=True, help='as rain_jax.run\'s --scan_layers (default true)')
   parser.add_argument('--task', default='hh')
   parser.add_argument('--start', type=int, default=0)
   parser.add_argument('--num_examples', type=int, default=1)
