@@ -64,6 +64,20 @@ def is_coordinator() -> bool:
   return jax.process_index() == 0
 
 
+def process_cache_dir(base: str):
+  """The persistent compilation cache folder of this process: `base` in a single
+  process, `base/process-I-of-N` in a multi-process job (processes do not load each
+  other's executables), and None (no persistent cache) for a multi-process job on the
+  CPU backend: there, 2-process RAIN stream programs loaded back from the cache broke
+  their gloo collectives ("Received data size doesn't match expected size"; jax 0.10.2,
+  issue 12's programs), while the same programs compiled afresh ran."""
+  if jax.process_count() == 1:
+    return base
+  if jax.default_backend() == 'cpu':
+    return None
+  return os.path.join(base, f'process-{jax.process_index()}-of-{jax.process_count()}')
+
+
 def _client():
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   return jax_distributed.global_state.client

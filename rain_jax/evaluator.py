@@ -444,7 +444,8 @@ class Evaluator:
     marker_seen [R]): the text before the rollout and whether it holds EOS / a turn
     marker. Returns (cache, judge state, dict: gen, gen_len (text with the rollout),
     rollout_hidden [R, H] (a sum), truncated [R], value [R] (cached judge), sequences
-    [R, A, L] and weights [R, A] (the proposal streams))."""
+    [R, A, L] and weights [R, A] (the proposal streams), content_fed [R] (tokens now in
+    the judge's content region))."""
     cfg, layout = self.cfg, self.layout
     cache, judge = caches
     gen, gen_len, eos_seen, marker_seen = text

@@ -193,7 +193,9 @@ def _run():
     from models import registry
     compilation_cache = os.path.join(registry.cache_dir(), 'xla')
   if compilation_cache:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(compilation_cache))
+    compilation_cache = distributed.process_cache_dir(os.path.expanduser(compilation_cache))
+  if compilation_cache:
+    jax.config.update('jax_compilation_cache_dir', compilation_cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   task, examples = chosen_examples()
   if not examples:

@@ -240,8 +240,10 @@ def _train():
   from models import convert, lora as lora_lib
   from rain_jax import distributed, loading, programs, sharding, train_data, training
 
-  if FLAGS.compilation_cache:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(FLAGS.compilation_cache))
+  cache = FLAGS.compilation_cache and distributed.process_cache_dir(
+      os.path.expanduser(FLAGS.compilation_cache))
+  if cache:
+    jax.config.update('jax_compilation_cache_dir', cache)
   settings = settings_from_flags()
   no_source = not (FLAGS.checkpoint or FLAGS.hf_dir or FLAGS.gguf)
   model = loading.describe_model(
