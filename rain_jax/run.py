@@ -161,7 +161,9 @@ def _exit_with_error(message):
   """One line on stderr and exit status 1; in a multi-process job every process stops."""
   if _multi_process():
     from rain_jax import distributed
-    distributed.fail(message)  # tells the peers; does not return
+    # Tells the peers; does not return. A peer's death can surface here too (a collective
+    # torn down under a decision process 0 shares): then the line names that peer.
+    distributed.fail_or_blame(message)
   print(f'rain_jax.run: error: {message}', file=sys.stderr)
   sys.exit(1)
 
