@@ -62,8 +62,9 @@ def run_rain_suite(args, model, mesh, log):
 
   Optional args (default in brackets): rain_parallel_leaves [1], rain_similarity
   [mean_hidden], rain_vanilla [True] (time vanilla decoding too), rain_count_calls [True]
-  (the stamped run), rain_runs [2] (see time_runner), rain_call_ms [H200 LLaMA-7B]. Each finished row is also logged as one `row {json}` line, so a run
-  cut short still leaves its finished rows in the log.
+  (the stamped run), rain_runs [2] (see time_runner), rain_call_ms [H200 LLaMA-7B].
+  Each finished row is also logged as one `row {json}` line, so a run cut short still
+  leaves its finished rows in the log.
   """
   task = tasks.get_task('hh')
   cfg = rain_config(args)

@@ -38,7 +38,7 @@ def scratch(tokens):
   return np.asarray(logits), np.asarray(hidden)
 
 
-@pytest.mark.parametrize('tiers', [1, 3])
+@pytest.mark.parametrize('tiers', [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_tiered_feed_into_two_caches_equals_recomputation(tiers):
   """Rows feeding 0, 1, 3, 5, 9, 16, 17 and 21 tokens (chunk 8) after a 5-token trunk,
   into a policy-like cache and into a second, larger cache at another slot base and with

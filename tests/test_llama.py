@@ -111,7 +111,7 @@ def test_config_json_round_trip_and_errors():
     config.replace(dtype='float8')
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
+@pytest.mark.parametrize('scan_layers', [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_forward_many_equals_separate_calls_over_each_cache(scan_layers):
   """Two caches of different sizes fed in one pass (different prompts already in them,
   tokens with explicit slots, logits at chosen or all positions): each feed's logits,

@@ -113,6 +113,10 @@ def single_process_answers(job):
   return answers(records(output))
 
 
+# Slow (~70 s with its single-process reference): it made room in the default suite for
+# issue 12; run it with `python -m pytest -m slow tests/test_multiprocess.py` whenever
+# distributed code or the stream programs change (it caught issue 12's cache problem).
+@pytest.mark.slow
 def test_kill_one_process_then_resume_answers_as_one_process_exactly_once(
     job, single_process_answers):
   """Both processes are given the same --output; process 0 alone writes it."""
