@@ -63,7 +63,7 @@ _PHASE = ['other']
 def phase(name: str):
   """Labels the model calls traced inside the block (the search's phases: 'prefill',
   'path', 'rollout+proposals', 'judge', 'widening', 'commit'). Labels are read at trace
-  time by whatever wraps ModelFns to observe calls (rain_jax/timeline.py); they change
+  time by whatever wraps ModelFns to observe calls (scripts/timeline.py); they change
   nothing in the computation."""
   _PHASE.append(name)
   try:
@@ -237,7 +237,8 @@ def feed_tokens_many(model: ModelFns, params, caches, *, tokens, lengths, at, ch
     raise ValueError(f'feeds of different shapes: {[t.shape for t in tokens]}')
   sizes = sorted({max(chunk >> i, 1) for i in range(tiers)}, reverse=True)
   longest = functools.reduce(jnp.maximum, [jnp.max(n) for n in lengths])
-  padded = round_up(width, chunk) + chunk
+  # Room for the last pass: a tiered one can start up to chunk/2 before the end.
+  padded = round_up(width, chunk) + (chunk // 2 if len(sizes) > 1 else 0)
   tokens = [jnp.pad(t, ((0, 0), (0, padded - width))) for t in tokens]
   slot_ids = [jnp.arange(a.context.shape[1]) for a in at]
   bases = [jnp.broadcast_to(jnp.asarray(a.slot_base, jnp.int32), (batch,)) for a in at]
