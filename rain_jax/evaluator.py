@@ -105,10 +105,10 @@ def _shift_left(tokens, start):
 
 
 def _concat_feeds(a: kvcache.Feed, b: kvcache.Feed) -> kvcache.Feed:
-  """Two feeds into the same cache as one ([B, T] write indices, logits everywhere)."""
+  """Two feeds into a's cache as one ([B, T] write indices, logits everywhere)."""
   join = lambda x, y: jnp.concatenate([x, y], axis=1)
   return kvcache.Feed(tokens=join(a.tokens, b.tokens), positions=join(a.positions, b.positions),
-                      cache=None, write_index=join(a.write_index, b.write_index),
+                      cache=a.cache, write_index=join(a.write_index, b.write_index),
                       attn_mask=join(a.attn_mask, b.attn_mask))
 
 
@@ -286,11 +286,10 @@ class Evaluator:
     """Path feed, rollout, judgement, proposals and embeddings for one leaf per row.
     Returns (rows with the new caches, Evaluation).
 
-    Sequential model calls: the path's chunks (each fed to the policy and into a cached
-    judge's content region in one pass), then max(rollout tokens, proposal length - 1,
-    1) passes in which the rollout token, the proposal streams' tokens and the judge's
-    content token go together; the pass that feeds a row's last rollout token also
-    carries the judge's suffixes (docs/engine.md §5)."""
+    Sequential model calls: the path's passes (each feeding the policy and a cached
+    judge's content region), then max(rollout tokens - 1, proposal length - 2) passes in
+    which the rollout token, the proposal streams' tokens and the judge's content token
+    go together, then one verdict pass (docs/engine.md §5)."""
     cfg = self.cfg
     gen, gen_len = self._text_to_leaf(rows, leaves)
     eos_seen = jnp.any((jnp.arange(gen.shape[1])[None, :] < gen_len[:, None])
@@ -474,7 +473,7 @@ class Evaluator:
     # Proposal passes: one per token after the first, for the longest row that expands
     # into multi-token children (0 when none does).
     stream_len = jnp.max(jnp.where(expand & (leaves.child_len > 1), leaves.child_len, 0))
-    sequences, weights, stream_tokens = self._first_stream_tokens(streams, num_streams)
+    sequences, weights, stream_tokens = self._first_stream_tokens(streams)
     zeros = jnp.zeros((num_rows,), jnp.int32)
 
     def sample(st, logits, who):
@@ -518,7 +517,7 @@ class Evaluator:
         policy = rollout_feed(st, who)
         if with_streams:
           policy = _concat_feeds(policy, self._stream_feed(streams, st['stream_tokens'],
-                                                           st['i']))._replace(cache=st['cache'])
+                                                           st['i']))
         feeds = [policy] + ([content_feed(st, who)] if judge is not None else [])
         out = self.model.call_many(params, feeds)
         logits, hidden, st['cache'] = out[0]
@@ -530,11 +529,6 @@ class Evaluator:
         st['r'] = st['r'] + who
         return sample(st, logits[:, 0], who)
       return body
-
-    def stream_pass(st):
-      feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(cache=st['cache'])
-      logits, _, st['cache'] = self.model.forward(params, *feed)
-      return self._advance_streams(streams, st, logits)
 
     start = dict(i=jnp.int32(0), cache=cache, judge=judge, gen=gen, gen_len=gen_len, r=zeros,
                  pending=zeros, more=jnp.zeros((num_rows,), bool), eos_seen=eos_seen,
@@ -558,7 +552,7 @@ class Evaluator:
         policy = _concat_feeds(rollout_feed(st, rolls), policy)
       feeds = [policy._replace(cache=st['cache'])]
       if judge is not None:
-        verdict, _ = self.judge.verdict_feed(
+        verdict = self.judge.verdict_feed(
             st['judge'], gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'],
             active=active, fed=path_len + st['r'], width=1)
         feeds.append(verdict)
@@ -572,7 +566,7 @@ class Evaluator:
       if judge is not None:
         st['judge'] = st['judge'].replace(cache=out[1][2])
         value = self.judge.value(self.judge.score(out[1][0]))
-    st = jax.lax.while_loop(streaming, stream_pass, st)
+    st = self._stream_passes(params, streams, st, stream_len)
     return st['cache'], st['judge'], dict(
         gen=st['gen'], gen_len=st['gen_len'], rollout_hidden=st['hsum'],
         truncated=st['truncated'], value=value, sequences=st['sequences'],
@@ -593,11 +587,11 @@ class Evaluator:
         lambda a, b: jnp.where(use_one.reshape(use_one.shape + (1,) * (a.ndim - 1)), a, b),
         one, many)
 
-  def _first_stream_tokens(self, streams: Streams, num_streams):
+  def _first_stream_tokens(self, streams: Streams):
     """Token 0 of every stream, chosen from first_logits: (sequences [R, A, L], weights
     [R, A], tokens [R, A])."""
     first = streams.first_logits
-    num_rows = first.shape[0]
+    num_rows, num_streams = streams.codes.shape
     tokens, weights = self._choose(streams, jnp.broadcast_to(
         first[:, None, :], (num_rows, num_streams, first.shape[-1])), 0)
     sequences = jnp.zeros((num_rows, num_streams, self.cfg.max_tokens_per_node),
@@ -641,22 +635,23 @@ class Evaluator:
                 weights=jnp.where(here, st['weights'] * new_probs, st['weights']),
                 stream_tokens=jnp.where(live, new_tokens, st['stream_tokens']))
 
-  def _decode_streams(self, params, cache, streams: Streams):
-    """Decodes the proposal streams alone (widening): num_tokens[r] tokens per row (the
-    loop runs the longest). Returns (cache, sequences [R, A, L], weights [R, A])."""
-    num_streams = streams.codes.shape[1]
-    sequences, weights, tokens = self._first_stream_tokens(streams, num_streams)
-
+  def _stream_passes(self, params, streams: Streams, st, stream_len):
+    """Passes of the streams alone (policy cache st['cache']) while st['i'] + 1 <
+    stream_len: each feeds their token i and chooses token i + 1."""
     def body(st):
       feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(
           cache=st['cache'])
       logits, _, cache = self.model.forward(params, *feed)
       return self._advance_streams(streams, dict(st, cache=cache), logits)
+    return jax.lax.while_loop(lambda st: st['i'] + 1 < stream_len, body, st)
 
-    st = jax.lax.while_loop(
-        lambda st: st['i'] + 1 < jnp.max(streams.num_tokens), body,
-        dict(i=jnp.int32(0), cache=cache, sequences=sequences, weights=weights,
-             stream_tokens=tokens))
+  def _decode_streams(self, params, cache, streams: Streams):
+    """Decodes the proposal streams alone (widening): num_tokens[r] tokens per row (the
+    loop runs the longest). Returns (cache, sequences [R, A, L], weights [R, A])."""
+    sequences, weights, tokens = self._first_stream_tokens(streams)
+    st = self._stream_passes(params, streams, dict(
+        i=jnp.int32(0), cache=cache, sequences=sequences, weights=weights,
+        stream_tokens=tokens), jnp.max(streams.num_tokens))
     return st['cache'], st['sequences'], st['weights']
 
   def _node_embeddings(self, embed_params, rows, leaves, text, path_hidden, rollout_hidden):

@@ -164,8 +164,8 @@ class TrunkCachedJudge:
 
   def verdict_feed(self, state, *, gen, answer_len, gen_len, active, fed, width):
     """The verdict pass: `content_feed` of `width` tokens from `fed` [B], then the
-    suffix stream(s) after the judged text. Returns (kvcache.Feed, reads): the feed's
-    logits at the suffix ends [B, K, V] go to `score`."""
+    suffix stream(s) after the judged text. Returns the kvcache.Feed; its logits (read
+    at the suffix ends: [B, K, V]) go to `score`."""
     layout = self.layout
     gen_len = jnp.where(active, gen_len, answer_len)
     content = self.content_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
@@ -191,12 +191,12 @@ class TrunkCachedJudge:
         attn_mask=jnp.concatenate([content.attn_mask, seen[:, None, :] | own[None]], axis=1),
         logits_index=jnp.broadcast_to(width + jnp.asarray(reads, jnp.int32),
                                       (batch, len(reads))))
-    return feed, reads
+    return feed
 
   def judge_call(self, params, state, *, gen, answer_len, gen_len, active):
     """(score [B], cache): one verdict pass feeding the whole content (nothing of it in
     the cache yet)."""
-    feed, _ = self.verdict_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
+    feed = self.verdict_feed(state, gen=gen, answer_len=answer_len, gen_len=gen_len,
                                 active=active, fed=jnp.zeros_like(answer_len),
                                 width=self.layout.content_cap)
     ((logits, _, cache),) = self.model.call_many(params, [feed])

@@ -86,18 +86,20 @@ def _done_marker(outputs):
 
 def probed(fns, recorder, kvcache):
   """ModelFns whose every call reports (phase, tokens) to `recorder` when it ends."""
+  def report(num_tokens, outputs):
+    jax.debug.callback(functools.partial(recorder.call, current_phase(kvcache)),
+                       num_tokens, _done_marker(outputs))
+
   def forward(params, tokens, *args, **kwargs):
     out = fns.forward(params, tokens, *args, **kwargs)
-    jax.debug.callback(functools.partial(recorder.call, current_phase(kvcache)),
-                       tokens.size, _done_marker(out))
+    report(tokens.size, out)
     return out
 
   changes = {'forward': forward}
   if getattr(fns, 'forward_many', None) is not None:
     def forward_many(params, feeds):
       outs = fns.forward_many(params, feeds)
-      jax.debug.callback(functools.partial(recorder.call, current_phase(kvcache)),
-                         sum(f.tokens.size for f in feeds), _done_marker(outs[0]))
+      report(sum(f.tokens.size for f in feeds), outs[0])
       return outs
     changes['forward_many'] = forward_many
   return dataclasses.replace(fns, **changes)
