@@ -32,16 +32,33 @@ from rain_jax.stopping import (EOS, MAX_NEW_TOKENS, NO_CHILDREN, RUNNING, TURN_M
                                SearchTables)
 
 STAT_NAMES = ('simulations', 'committed_sets', 'judge_calls', 'early_stops',
-              'rollout_truncations', 'depth_limited', 'max_depth', 'nodes_used')
+              'rollout_truncations', 'depth_limited', 'max_depth', 'nodes_used',
+              'positive_judgements', 'negative_judgements')
+# Children of each root child recorded at a commit (G = min(C, this)): the level the
+# tree pictures draw below the committed path (scripts/tree_pictures.py).
+GRANDCHILDREN_RECORDED = 10
 
 
 @flax.struct.dataclass
 class CommitRecord:
   """The root's children at every commit: tokens [B, M, C, L] (-1 padded), stats
-  [B, M, C, 4] (n, fn, q, p), sims [B, M] (simulations of each outer step)."""
+  [B, M, C, 4] (n, fn, q, p), sims [B, M] (simulations of each outer step), early
+  [B, M] (the step ended by the early-stop rule), chosen [B, M] (the committed child's
+  column in tokens/stats; -1 where nothing was committed), and the level below:
+  grand_tokens [B, M, C, G, L], grand_stats [B, M, C, G, 4], the G most visited
+  children of each root child (tree.root_grandchildren, G = grandchildren_kept(C))."""
   tokens: jax.Array
   stats: jax.Array
   sims: jax.Array
+  early: jax.Array
+  chosen: jax.Array
+  grand_tokens: jax.Array
+  grand_stats: jax.Array
+
+
+def grandchildren_kept(max_children: int) -> int:
+  """G: children recorded below each root child at a commit."""
+  return min(max_children, GRANDCHILDREN_RECORDED)
 
 
 @flax.struct.dataclass
@@ -90,7 +107,7 @@ class LeafRows:
 def init_trees(cfg: RainConfig, embed_dim: int, batch: int, mesh=None) -> TreeState:
   """The empty tree state of `batch` trees with node embeddings of width embed_dim (rows
   over the batch axes of `mesh`, when given)."""
-  m = cfg.max_new_tokens
+  m, c, g = cfg.max_new_tokens, cfg.max_children, grandchildren_kept(cfg.max_children)
   tree = jax.vmap(lambda _: tree_lib.init_tree(
       cfg.num_nodes, cfg.max_children, cfg.max_tokens_per_node, embed_dim))(jnp.arange(batch))
   zeros = jnp.zeros((batch,), jnp.int32)
@@ -100,9 +117,12 @@ def init_trees(cfg: RainConfig, embed_dim: int, batch: int, mesh=None) -> TreeSt
       early=jnp.zeros((batch,), bool), done=jnp.zeros((batch,), bool), stop_reason=zeros,
       stats={name: zeros for name in STAT_NAMES},
       record=CommitRecord(
-          tokens=jnp.zeros((batch, m, cfg.max_children, cfg.max_tokens_per_node), jnp.int32),
-          stats=jnp.zeros((batch, m, cfg.max_children, 4), jnp.float32),
-          sims=jnp.zeros((batch, m), jnp.int32))), mesh)
+          tokens=jnp.zeros((batch, m, c, cfg.max_tokens_per_node), jnp.int32),
+          stats=jnp.zeros((batch, m, c, 4), jnp.float32),
+          sims=jnp.zeros((batch, m), jnp.int32), early=jnp.zeros((batch, m), bool),
+          chosen=jnp.full((batch, m), -1, jnp.int32),
+          grand_tokens=jnp.zeros((batch, m, c, g, cfg.max_tokens_per_node), jnp.int32),
+          grand_stats=jnp.zeros((batch, m, c, g, 4), jnp.float32))), mesh)
 
 
 def write_rows(full, fresh, start):
@@ -150,16 +170,18 @@ class Searcher:
   """
 
   def __init__(self, model: kvcache.ModelFns, judge, cfg: RainConfig, prompt_width: int,
-               embedder=None, mesh=None):
+               embedder=None, mesh=None, separate_judge=False):
     """judge: a rain_jax.judge.Judge whose layout (if any) matches this search's (see
-    kvcache.judge_layout); embedder: see evaluator.Evaluator; mesh: when given, the tree
+    kvcache.judge_layout); embedder, separate_judge: see evaluator.Evaluator (with a
+    separate judge the parameters are (policy, judge)); mesh: when given, the tree
     state (trees, counters, commit records) is constrained to rows over the mesh's batch
     axes. `generate` is the search jitted as it is; `generate_fn` the same function for
     callers that jit it with their own shardings and layouts (engine.RainRunner)."""
     self.cfg = cfg
     self.mesh = mesh
     self.layout = kvcache.policy_layout(cfg, prompt_width)
-    self.evaluator = Evaluator(model, judge, cfg, self.layout, embedder)
+    self.evaluator = Evaluator(model, judge, cfg, self.layout, embedder,
+                               separate_judge=separate_judge)
     self.rows = LeafRows(cfg.parallel_leaves)
     self.generate_fn = self._generate
     self.generate = jax.jit(self._generate)
@@ -185,10 +207,18 @@ class Searcher:
     tokens, lens = tree.tokens[trees, safe], tree.num_tokens[trees, safe]
     at = (trees, jnp.minimum(ts.stats['committed_sets'], cfg.max_new_tokens - 1))
     kid_tokens, kid_stats = jax.vmap(tree_lib.root_children)(tree)
+    grand_tokens, grand_stats = jax.vmap(tree_lib.root_grandchildren, in_axes=(0, None))(
+        tree, grandchildren_kept(cfg.max_children))
+    column = jnp.argmax(tree.children[trees, tree.root] == child[:, None], axis=1)
+    rec, kept = ts.record, ok[:, None, None, None]
     record = CommitRecord(
-        tokens=ts.record.tokens.at[at].set(jnp.where(ok[:, None, None], kid_tokens, -1)),
-        stats=ts.record.stats.at[at].set(jnp.where(ok[:, None, None], kid_stats, 0.0)),
-        sims=ts.record.sims.at[at].set(jnp.where(ok, ts.step_sims, 0)))
+        tokens=rec.tokens.at[at].set(jnp.where(ok[:, None, None], kid_tokens, -1)),
+        stats=rec.stats.at[at].set(jnp.where(ok[:, None, None], kid_stats, 0.0)),
+        sims=rec.sims.at[at].set(jnp.where(ok, ts.step_sims, 0)),
+        early=rec.early.at[at].set(ok & ts.early),
+        chosen=rec.chosen.at[at].set(jnp.where(ok, column, -1).astype(jnp.int32)),
+        grand_tokens=rec.grand_tokens.at[at].set(jnp.where(kept, grand_tokens, -1)),
+        grand_stats=rec.grand_stats.at[at].set(jnp.where(kept, grand_stats, 0.0)))
     new_tree = _select_rows(ok, jax.vmap(tree_lib.commit)(tree, safe), tree)
     spread = self.rows.spread
     rows, stops = self.evaluator.commit(params, tables, st.rows, spread(tokens), spread(lens),
@@ -328,6 +358,9 @@ class Searcher:
     stats = dict(ts.stats)
     stats['simulations'] = stats['simulations'] + ran
     stats['judge_calls'] = stats['judge_calls'] + ran
+    judged = jnp.where(active[:, None], res.value, 0.0)             # [B, P]
+    stats['positive_judgements'] = stats['positive_judgements'] + jnp.sum(judged > 0, axis=1)
+    stats['negative_judgements'] = stats['negative_judgements'] + jnp.sum(judged < 0, axis=1)
     stats['rollout_truncations'] = stats['rollout_truncations'] + \
         jnp.sum(res.truncated & active[:, None], axis=1)
     stats['depth_limited'] = stats['depth_limited'] + jnp.sum(depth_limited, axis=1)
@@ -358,7 +391,9 @@ class Searcher:
     return dict(answer=self.rows.first(st.rows.answer),
                 answer_len=self.rows.first(st.rows.answer_len), stop_reason=ts.stop_reason,
                 stats=ts.stats, dump_tokens=ts.record.tokens, dump_stats=ts.record.stats,
-                dump_sims=ts.record.sims, overflow=ts.tree.overflow,
+                dump_sims=ts.record.sims, dump_early=ts.record.early,
+                dump_chosen=ts.record.chosen, dump_grand_tokens=ts.record.grand_tokens,
+                dump_grand_stats=ts.record.grand_stats, overflow=ts.tree.overflow,
                 widenings=ts.tree.widenings, shared_updates=ts.tree.shared_updates,
                 done=ts.done)
 
@@ -369,8 +404,9 @@ class Searcher:
     prompt_tokens [B, W] right-padded, prompt_lens [B], seeds [B] uint32, judge_inputs:
     the judge's per-prompt inputs ([B, ...] leaves), embed_params: the embedder's
     parameters ('minilm'; None otherwise). Returns a dict of [B, ...] arrays:
-    answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims
-    (root children at each commit), overflow (tree children that did not fit), widenings
+    answer [B, A_cap], answer_len, stop_reason, stats {name: [B]}, dump_tokens/stats/sims/
+    early/chosen/grand_tokens/grand_stats (the CommitRecord: root children and the level
+    below at each commit), overflow (tree children that did not fit), widenings
     (children added by widening), shared_updates (sibling value shares), done (all
     True here)."""
     st = self._init_state(params, prompt_tokens, prompt_lens, seeds, judge_inputs)

@@ -617,14 +617,15 @@ def path_tokens(tree: Tree, path, depth, path_cap):
   return tokens, jnp.sum(lens), offsets
 
 
-def root_children(tree: Tree):
-  """The current root's children as the original dumps them before a commit.
+def node_children(tree: Tree, node):
+  """The children of `node` (() int32: a used slot, or -1 for no node) in column order.
 
   Returns:
-    tokens: [C, L] int32, each child's token set (-1 beyond it and for empty columns).
+    tokens: [C, L] int32, each child's token set (-1 beyond it and for empty columns;
+      all -1 when node is -1).
     stats: [C, 4] float32, (n, fn, q, p) of each child (0 for empty columns).
   """
-  kids = tree.children[tree.root]
+  kids = jnp.where(node >= 0, tree.children[jnp.maximum(node, 0)], -1)
   has = kids >= 0
   safe = jnp.maximum(kids, 0)
   stats = jnp.stack([tree.visits[safe], tree.real_visits[safe].astype(jnp.float32),
@@ -632,6 +633,36 @@ def root_children(tree: Tree):
   live = jnp.arange(tree.max_tokens)[None, :] < tree.num_tokens[safe][:, None]
   return (jnp.where(has[:, None] & live, tree.tokens[safe], -1),
           jnp.where(has[:, None], stats, 0.0))
+
+
+def root_children(tree: Tree):
+  """The current root's children as the original dumps them before a commit:
+  `node_children` of the root (tokens [C, L], stats [C, 4])."""
+  return node_children(tree, tree.root)
+
+
+def root_grandchildren(tree: Tree, keep: int):
+  """The level below the root's children: for each root child column, the `keep` most
+  visited children of that child, in descending n (ties: column order).
+
+  Args:
+    tree: the tree.
+    keep: G, a static int in 1..C.
+
+  Returns:
+    tokens: [C, G, L] int32 (-1 padded as `node_children`; all -1 under an empty column
+      and where a child has fewer than G children).
+    stats: [C, G, 4] float32, (n, fn, q, p) (0 where tokens are all -1).
+  """
+  if not isinstance(keep, int) or not 1 <= keep <= tree.max_children:
+    raise ValueError(f'keep must be an int in 1..{tree.max_children}, got {keep!r}')
+  tokens, stats = jax.vmap(lambda node: node_children(tree, node))(
+      tree.children[tree.root])                                  # [C, C, L], [C, C, 4]
+  has = tokens[..., 0] >= 0
+  order = jnp.argsort(jnp.where(has, -stats[..., 0], jnp.inf), axis=-1,
+                      stable=True)[:, :keep]                     # [C, G]
+  return (jnp.take_along_axis(tokens, order[..., None], axis=1),
+          jnp.take_along_axis(stats, order[..., None], axis=1))
 
 
 def virtual_loss(tree: Tree, path, path_len, active) -> Tree:

@@ -72,6 +72,10 @@ def assert_same(out, row, result):
   assert out['stats']['early_stops'][row] == result.early_stops
   for i, commit in enumerate(result.commits):
     assert out['dump_sims'][row, i] == commit.simulations
+    assert bool(out['dump_early'][row, i]) == commit.early_stop
+    chosen = out['dump_chosen'][row, i]
+    assert tuple(out['dump_tokens'][row, i, chosen, :len(result.committed[i])]) == \
+        tuple(result.committed[i])
     kids = out['dump_tokens'][row, i]
     stats = out['dump_stats'][row, i]
     assert int(np.sum(kids[:, 0] >= 0)) == len(commit.children)

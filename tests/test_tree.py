@@ -382,3 +382,30 @@ def test_jit_vmap_matches_one_by_one():
     for got, want in zip(jax.tree_util.tree_leaves(batched),
                          jax.tree_util.tree_leaves(single)):
       np.testing.assert_allclose(got[b], want, rtol=1e-6, atol=1e-7)
+
+
+def test_root_children_and_grandchildren_as_recorded():
+  """0 -> (1, 2, 3); 1 -> (4, 5, 6): the root's children in column order, and below
+  each the `keep` most visited children in descending n (ties: column order)."""
+  tree = _expand(T.init_tree(N, C, L, E), 0, [[1], [2], [3]], [1, 1, 1])
+  tree = _expand(tree, 1, [[4, 4], [5], [6, 6, 6]], [1, 1, 1])
+  tree = _set(tree, visits={1: 5.0, 2: 1.0, 4: 1.0, 5: 2.5, 6: 1.0},
+              real_visits={1: 5, 2: 1, 4: 1, 5: 2, 6: 1},
+              value={1: 0.5, 2: -1.0, 4: 0.25, 5: -0.5, 6: 1.0})
+  tokens, stats = T.root_children(tree)
+  assert np.asarray(tokens)[:, 0].tolist() == [1, 2, 3, -1]
+  np.testing.assert_allclose(np.asarray(stats)[:, :3], [[5, 5, 0.5], [1, 1, -1], [0, 0, 0],
+                                                        [0, 0, 0]])
+  grand_tokens, grand_stats = jax.jit(T.root_grandchildren, static_argnums=1)(tree, 2)
+  assert grand_tokens.shape == (C, 2, L) and grand_stats.shape == (C, 2, 4)
+  # Child 1's children by visits: 5 (2.5), then 4 and 6 tie at 1.0 -> 4 (first column).
+  assert np.asarray(grand_tokens[0]).tolist() == [[5, -1, -1], [4, 4, -1]]
+  np.testing.assert_allclose(grand_stats[0], [[2.5, 2, -0.5, tree.prior[5]],
+                                              [1.0, 1, 0.25, tree.prior[4]]])
+  # Children without children, and empty columns: nothing.
+  assert (np.asarray(grand_tokens[1:]) == -1).all()
+  assert (np.asarray(grand_stats[1:]) == 0).all()
+  tokens, stats = T.node_children(tree, jnp.int32(-1))
+  assert (np.asarray(tokens) == -1).all() and (np.asarray(stats) == 0).all()
+  with pytest.raises(ValueError, match='keep'):
+    T.root_grandchildren(tree, C + 1)
