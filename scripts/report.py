@@ -2,6 +2,7 @@
 
   python3 scripts/report.py --results=out/sweeps/maxT --out=out/sweeps/maxT/report
   python3 scripts/report.py --results=a.jsonl,b.jsonl --scores=scores.jsonl --out=report
+  python3 scripts/report.py --trees=out/demo.jsonl --out=out/demo_trees
 
 --results takes result files (JSONL from `python -m rain_jax.run`) and folders (every
 *.jsonl below them). Rows are per (model, task, setting, method); the setting of a file
@@ -39,6 +40,11 @@ Plots (need matplotlib: `pip install -e .[report]`; --noplots skips them): mean 
 per prompt, RAIN/vanilla time ratio, simulations per committed set, and each metric,
 against model size (parameters, from the sidecars; model names in order when unknown);
 distilled rows are series of their own (dotted).
+
+Tree pictures (--trees=RESULTS.jsonl, also matplotlib): one PNG per RAIN record of a run
+made with --dump_tree, `tree_<id>.png` in --out: the committed path, and per commit the
+root's children with their visits and values (scripts/tree_pictures.py). A RAIN record
+without a tree dump is a one-line error.
 """
 import collections
 import csv
@@ -55,6 +61,7 @@ if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
 from rain_jax import flag_table, results  # noqa: E402  (after the path set-up)
+from scripts import tree_pictures  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -561,20 +568,27 @@ def define_flags():
                     'method).')
   flags.DEFINE_string('out', None, 'Report folder: report.md, report.csv, *.png.')
   flags.DEFINE_bool('plots', True, 'Draw PNG plots (needs matplotlib).')
+  flags.DEFINE_string('trees', None, 'A results file of a run with --dump_tree: draw one '
+                      'tree picture (PNG) per RAIN record into --out (needs matplotlib).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS.results or not FLAGS.out:
-    raise app.UsageError('--results and --out are required')
+  if not (FLAGS.results or FLAGS.trees) or not FLAGS.out:
+    raise app.UsageError('--out and --results (a report) or --trees (tree pictures) are '
+                         'required')
   try:
-    rows, plot_names = make_report(FLAGS.results, FLAGS.scores, FLAGS.out, FLAGS.plots)
+    if FLAGS.trees:
+      pictures = tree_pictures.draw_trees(FLAGS.trees, FLAGS.out)
+      print(f'report.py: {len(pictures)} tree pictures in {FLAGS.out}', file=sys.stderr)
+    if FLAGS.results:
+      rows, plot_names = make_report(FLAGS.results, FLAGS.scores, FLAGS.out, FLAGS.plots)
+      print(f'report.py: {len(rows)} rows, {len(plot_names)} plots in {FLAGS.out}',
+            file=sys.stderr)
   except (ReportError, ValueError, OSError) as e:
     print(f'report.py: error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'report.py: {len(rows)} rows, {len(plot_names)} plots in {FLAGS.out}',
-        file=sys.stderr)
 
 
 if __name__ == '__main__':

@@ -23,7 +23,8 @@ An axis value is a flag value (`--<axis>=<value>`; the axis `flagfile` includes 
 flagfile) or {"label": ..., "flags": {...}} setting several flags. `--set=name=value`
 adds shared flags and `--axis=name=v1,v2` adds (or replaces) an axis. The runs are the
 product of the axes, in the order given; each gets `<out>/flags/<run>.flags` (shared
-flags, then its axis values, then `--output=<out>/results/<run>.jsonl`) and
+flags, then its axis values, then `--nosummary` unless the run's flags set --summary
+(a sweep is quiet: no end-of-run summary), then `--output=<out>/results/<run>.jsonl`) and
 `<out>/manifest.json` lists them with their settings (scripts/report.py reads it).
 
 Weights. With --checkpoint_root, a run whose flags name a registry `--model` without
@@ -300,6 +301,8 @@ def expand(spec, out, checkpoint_root=None, checkpoint_format='orbax'):
     extra = weight_flag(values, weights_name, checkpoint_root, checkpoint_format)
     if extra:
       flag_list.append(extra)
+    if 'summary' not in values:  # quiet sweeps: no end-of-run summary unless asked for
+      flag_list.append(('summary', False))
     output = os.path.join(out, 'results', name + '.jsonl')
     flag_list.append(('output', output))
     runs.append({'name': name, 'settings': settings, 'flags': flag_list,

@@ -86,21 +86,31 @@ def alone(runner, items, widths):
   return {ex.id: runner.run_batch([(ex, ids)], 1, widths)[0] for ex, ids in items}
 
 
-def content(record):
-  """(the record without its timing fields and tree-dump floats, the floats [K, 3]).
+def split_floats(value, floats):
+  """`value` (JSON data) with every float replaced by None, the floats appended to
+  `floats` in document order."""
+  if isinstance(value, float):
+    floats.append(value)
+    return None
+  if isinstance(value, dict):
+    return {k: split_floats(v, floats) for k, v in value.items()}
+  if isinstance(value, list):
+    return [split_floats(v, floats) for v in value]
+  return value
 
-  The floats (n, q, p of each dumped child) come apart: a batch-1 program and a
-  batch-2 one may order float operations differently (priors differ by ~3e-8, as in
-  tests/test_rain_llama.py), while tokens, counts and everything else must be equal."""
+
+def content(record):
+  """(the record without its timing fields and the floats of its tree dump and commit
+  summaries, those floats [K]).
+
+  The floats (n, q, p of the dumped nodes and committed sets) come apart: a batch-1
+  program and a batch-2 one may order float operations differently (priors differ by
+  ~3e-8, as in tests/test_rain_llama.py), while tokens, counts and everything else must
+  be equal."""
   rest = {k: v for k, v in record.items() if k not in TIMING}
-  floats, dump = [], []
-  for step in rest.pop('tree_dump'):
-    children = []
-    for child in step['children']:
-      floats.append([child['n'], child['q'], child['p']])
-      children.append({k: v for k, v in child.items() if k not in ('n', 'q', 'p')})
-    dump.append({**step, 'children': children})
-  return {**rest, 'tree_dump': dump}, np.asarray(floats)
+  floats = []
+  searched = {k: split_floats(rest.pop(k), floats) for k in ('tree_dump', 'commits')}
+  return {**rest, **searched}, np.asarray(floats)
 
 
 def assert_same_record(record, expected):

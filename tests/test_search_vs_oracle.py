@@ -103,6 +103,7 @@ def test_constant_judge_runs_the_full_budget_each_step():
   assert_same(out, 0, result)
   assert result.commits[0].simulations == cfg.max_T
   assert result.early_stops == 0
+  assert out['stats']['positive_judgements'][0] == out['stats']['negative_judgements'][0] == 0
 
 
 def test_widening_on_alike_bad_children_matches_oracle():
@@ -116,6 +117,8 @@ def test_widening_on_alike_bad_children_matches_oracle():
   result = run_oracle(lm, prompt, {'constant': -1.0}, 5, cfg)
   assert_same(out, 0, result)
   assert max(len(c.children) for c in result.commits) > cfg.num_candidates  # widened
+  assert out['stats']['negative_judgements'][0] == result.simulations
+  assert out['stats']['positive_judgements'][0] == 0
 
 
 def test_rain_avoids_harmful_token_that_greedy_emits():

@@ -56,14 +56,24 @@ def test_grid_expands_into_flagfiles_that_absl_reads_back(tmp_path, monkeypatch)
   assert json.load(open('sw/manifest.json')) == manifest
   assert open('sw/flags/task-custom__max_T-4.flags').read().splitlines()[1:] == [
       '--num_examples=2', '--method=both', '--noscan_layers', '--seed=7', '--task=custom',
-      '--prompt_file=p.jsonl', '--max_T=4', '--output=sw/results/task-custom__max_T-4.jsonl']
+      '--prompt_file=p.jsonl', '--max_T=4', '--nosummary',
+      '--output=sw/results/task-custom__max_T-4.jsonl']
   for run, (task, max_t) in zip(manifest['runs'], itertools.product(['hh', 'custom'],
                                                                     [2, 4])):
     parsed = _absl_parse(run['flagfile'])
     assert (parsed.task, parsed.max_T, parsed.seed, parsed.num_examples) == (task, max_t, 7, 2)
     assert parsed.method == 'both' and parsed.scan_layers is False
+    assert parsed.summary is False  # sweeps are quiet unless the grid asks
     assert parsed.output == run['output'] == f'sw/results/{run["name"]}.jsonl'
     assert run['settings'] == {'task': task, 'max_T': str(max_t)}
+
+
+def test_a_sweep_keeps_the_summary_a_run_asks_for(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  runs = sweep.expand(sweep.load_spec(None, ['max_T=2'], ['summary=true']), 'sw')
+  assert ('summary', 'true') in runs[0]['flags'] and ('summary', False) not in runs[0]['flags']
+  sweep.write_sweep(sweep.load_spec(None, ['max_T=2'], ['summary=true']), runs, 'sw')
+  assert _absl_parse(runs[0]['flagfile']).summary is True
 
 
 @pytest.mark.parametrize('bad,words', [
