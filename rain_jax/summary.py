@@ -130,15 +130,21 @@ def answers_section(groups, limit=MAX_ANSWERS) -> list:
   return lines
 
 
+def signed(x: float) -> str:
+  """x with its sign and 3 decimals ('+0.000', never '-0.000')."""
+  text = f'{x:+.3f}'
+  return '+0.000' if text == '-0.000' else text
+
+
 def commit_rows(commits) -> list:
   """Table rows of a RAIN record's `commits` (see engine.commit_summaries)."""
   rows = []
   for number, c in enumerate(commits, 1):
     alt = c.get('alternative')
     rows.append([number, quoted(c['text']), ' '.join(str(t) for t in c['tokens']),
-                 f"{c['n']:.2f}", c['fn'], f"{c['q']:+.3f}", f"{c['p']:.3f}",
+                 f"{c['n']:.2f}", c['fn'], signed(c['q']), f"{c['p']:.3f}",
                  quoted(alt['text']) if alt else '-', f"{alt['n']:.2f}" if alt else '-',
-                 f"{alt['q']:+.3f}" if alt else '-', c['simulations'],
+                 signed(alt['q']) if alt else '-', c['simulations'],
                  'yes' if c['early'] else ''])
   return rows
 

@@ -26,7 +26,6 @@ from rain_jax import results
 MAX_COMMITS = 12
 MAX_CHILDREN = 10
 LABEL_CHARS = 16
-PATH_CHARS = 14
 COLUMNS = 4
 COLORMAP = 'RdYlGn'
 MISSING_DUMP = 'run with --dump_tree'
@@ -94,6 +93,12 @@ def value_norm(records):
   return colors.Normalize(vmin=-top, vmax=top)
 
 
+def signed(q) -> str:
+  """q with its sign and 2 decimals ('+0.00', never '-0.00')."""
+  text = f'{q:+.2f}'
+  return '+0.00' if text == '-0.00' else text
+
+
 def luminance(rgba) -> float:
   """Relative brightness in [0, 1] of an RGBA colour (for a readable text colour on it)."""
   red, green, blue = rgba[:3]
@@ -105,10 +110,12 @@ def draw_path(ax, steps, cmap, norm):
   ax.set_axis_off()
   ax.set_xlim(0, len(steps))
   ax.set_ylim(0, 1)
+  inches = ax.get_position().width * ax.figure.get_figwidth() / len(steps)
+  chars = max(4, int(inches * 11) - 7)  # what fits a box at font size 8 with "12: " and quotes
   for i, step in enumerate(steps):
     index = committed_index(step)
     child = None if index is None else step['children'][index]
-    text = short(child['text'], PATH_CHARS) if child else '(none)'
+    text = short(child['text'], chars) if child else '(none)'
     color = cmap(norm(child['q'])) if child else (1.0, 1.0, 1.0, 1.0)
     ax.text(i + 0.5, 0.5, f'{i + 1}: {text}', ha='center', va='center', fontsize=8,
             color='white' if luminance(color) < 0.45 else 'black',
@@ -126,7 +133,7 @@ def draw_commit(ax, number, step, cmap, norm):
     mine = row == committed
     ax.barh(row, child['n'], height=0.5, color=cmap(norm(child['q'])),
             edgecolor='black' if mine else 'gray', linewidth=2.2 if mine else 0.5)
-    ax.text(child['n'] + most * 0.02, row, f"n={child['n']:g} q={child['q']:+.2f}",
+    ax.text(child['n'] + most * 0.02, row, f"n={child['n']:g} q={signed(child['q'])}",
             va='center', fontsize=7)
     left = 0.0
     for grand in child.get('children', []):
