@@ -298,11 +298,11 @@ def expand(spec, out, checkpoint_root=None, checkpoint_format='orbax'):
     for value in point:
       flag_list += list(value['flags'].items())
     values, weights_name = effective_flags(flag_list)
+    if 'summary' not in values:  # quiet sweeps: no end-of-run summary unless asked for
+      flag_list.append(('summary', False))
     extra = weight_flag(values, weights_name, checkpoint_root, checkpoint_format)
     if extra:
       flag_list.append(extra)
-    if 'summary' not in values:  # quiet sweeps: no end-of-run summary unless asked for
-      flag_list.append(('summary', False))
     output = os.path.join(out, 'results', name + '.jsonl')
     flag_list.append(('output', output))
     runs.append({'name': name, 'settings': settings, 'flags': flag_list,

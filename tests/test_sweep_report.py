@@ -141,7 +141,7 @@ def test_checkpoint_root_adds_the_weights_folder(tmp_path, monkeypatch):
   assert ('checkpoint', '/ckpt/llama-7b') not in sweep.expand(own, out, '/ckpt')[0]['flags']
   smol = sweep.load_spec(None, ['max_T=2'], ['model=smollm2-135m-instruct'])
   assert [n for n, _ in sweep.expand(smol, out, '/ckpt')[0]['flags']] == [
-      'model', 'max_T', 'output']
+      'model', 'max_T', 'summary', 'output']
 
 
 # The flags each printed gcloud command may use, from the gcloud reference pages
