@@ -273,9 +273,14 @@ def replicate(tree, mesh):
 class RainRunner:
   """RAIN (reference mode) on a task's prompts: one compiled call per batch."""
 
-  def __init__(self, model, mesh, task, rain_config, dump_tree=False, placement=None):
+  def __init__(self, model, mesh, task, rain_config, dump_tree=False, placement=None,
+               judge_model=None):
     """placement: the parameters' programs.ParamPlacement, shared with the run's other
-    runners (default: this runner's own, from the mesh)."""
+    runners (default: this runner's own, from the mesh). judge_model: a second
+    loading.LoadedModel that reads the self-evaluation prompt (sharing the policy's
+    tokenizer; loading.describe_judge_model), placed by `judge_placement`; None: the
+    policy judges itself (the reference). With one, the programs take the parameters as
+    (policy, judge) (`program_placement`, `program_params`)."""
     if task.judge_kind not in ('ab', 'yes_no'):
       raise ValueError(f'task {task.name!r} asks for an unknown judge {task.judge_kind!r}')
     self.model = model
@@ -291,12 +296,21 @@ class RainRunner:
     self.tables = search_tables(tok, task, self.token_tables, model.config.vocab_size)
     self.suffixes = judge_suffix_ids(tok, task)
     # Truth's judge cuts after the last period: one vocabulary pass, shared by all buckets.
-    self.period = (judge.period_table(tok, model.config.vocab_size)
+    self.judge_model = judge_model
+    judge_config = (judge_model or model).config
+    self.period = (judge.period_table(tok, judge_config.vocab_size)
                    if task.judge_kind == 'yes_no' else None)
     self.fns = llama_model_fns(model.config, mesh)
+    self.judge_fns = self.fns if judge_model is None else llama_model_fns(judge_config, mesh)
     self.embedder, self.encoder = load_embedder(rain_config.similarity, tok)
     self._on_mesh = None  # (tables, encoder) on the mesh, placed at the first batch
     self.placement = placement or param_placement(model.config, mesh)
+    self.judge_placement = None if judge_model is None else param_placement(judge_config,
+                                                                            mesh)
+    # Where the programs' parameter argument lives: the policy's placement, or a
+    # JointPlacement of (policy, judge).
+    self.program_placement = (self.placement if judge_model is None else
+                              programs.JointPlacement(self.placement, self.judge_placement))
     self._programs = {}
     self._streams = {}    # (batch, widths) -> StreamPrograms
     self._searchers = {}  # widths -> search.Searcher
@@ -310,7 +324,7 @@ class RainRunner:
     kind = judge.YesNoJudge if self.task.judge_kind == 'yes_no' else judge.ABJudge
     suffix_slots = kind.suffix_slots(self.suffixes[0] if kind is judge.YesNoJudge
                                      else self.suffixes)
-    common = dict(model=self.fns, chunk=self.cfg.feed_chunk,
+    common = dict(model=self.judge_fns, chunk=self.cfg.feed_chunk,
                   layout=kvcache.judge_layout(self.cfg, policy_layout, prefix_width=judge_width,
                                               suffix_slots=suffix_slots),
                   stop_sequences=np.asarray(self.tables.stop_sequences))
@@ -343,12 +357,13 @@ class RainRunner:
       rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
       build = lambda param_spec: jax.jit(searcher.generate_fn, in_shardings=(
           param_spec, None, *_prompt_shardings(rows), None))
-      args = (abstract_params(self.model.config, self.placement),
+      args = (self.abstract_program_params(),
               abstract_like(self.tables, self.mesh),
               *_abstract_prompts(batch_size, prompt_width, judge_width, rows),
               abstract_like(self.encoder, self.mesh))
       self._programs[key] = programs.compile_program('rain', batch_size, prompt_width,
-                                                     judge_width, build, args, self.placement)
+                                                     judge_width, build, args,
+                                                     self.program_placement)
     return self._programs[key]
 
   def _searcher(self, prompt_width, judge_width) -> search.Searcher:
@@ -358,7 +373,8 @@ class RainRunner:
     if key not in self._searchers:
       task_judge = self.judge_for(kvcache.policy_layout(self.cfg, prompt_width), judge_width)
       self._searchers[key] = search.Searcher(self.fns, task_judge, self.cfg, prompt_width,
-                                             self.embedder, mesh=self.mesh)
+                                             self.embedder, mesh=self.mesh,
+                                             separate_judge=self.judge_model is not None)
     return self._searchers[key]
 
   def stream_programs(self, batch_size, prompt_width, judge_width) -> 'StreamPrograms':
@@ -379,11 +395,11 @@ class RainRunner:
       searcher = self._searcher(prompt_width, judge_width)
       rows = lambda ndim: row_sharding(self.mesh, ndim, batch_size)
       one = _one_sharding(self.mesh)
-      params = abstract_params(self.model.config, self.placement)
+      params = self.abstract_program_params()
       batch_inputs = _abstract_prompts(batch_size, prompt_width, judge_width, rows)
       filled = jax.ShapeDtypeStruct((batch_size,), bool, sharding=rows(1))
       compile_one = lambda name, build, args: programs.compile_program(
-          name, batch_size, prompt_width, judge_width, build, args, self.placement)
+          name, batch_size, prompt_width, judge_width, build, args, self.program_placement)
       start = compile_one('rain_start', lambda param_spec: jax.jit(
           searcher.start_fn, in_shardings=(param_spec, *_prompt_shardings(rows), rows(1))),
                           (params, *batch_inputs, filled))
@@ -438,7 +454,20 @@ class RainRunner:
     if self._on_mesh is None:
       self._on_mesh = replicate((self.tables, self.encoder), self.mesh)
     tables, encoder = self._on_mesh
-    return self.placement.place(self.model.params), tables, encoder
+    return self.program_placement.place(self.program_params()), tables, encoder
+
+  def program_params(self):
+    """The programs' parameter argument: the policy's parameters, or (policy, judge)."""
+    if self.judge_model is None:
+      return self.model.params
+    return (self.model.params, self.judge_model.params)
+
+  def abstract_program_params(self):
+    """`program_params` as ShapeDtypeStructs on their shardings."""
+    policy = abstract_params(self.model.config, self.placement)
+    if self.judge_model is None:
+      return policy
+    return (policy, abstract_params(self.judge_model.config, self.judge_placement))
 
   def _inputs(self, batch, batch_size, prompt_width, judge_width):
     """The search's arguments for `batch`, placed on the mesh."""
@@ -474,6 +503,7 @@ class RainRunner:
                    'widenings': int(out['widenings'][row]),
                    'shared_updates': int(out['shared_updates'][row])},
         'rain_config': dataclasses.asdict(self.cfg),
+        'commits': commit_summaries(self.model.tokenizer, out, row, stats['committed_sets']),
     }
     if self.dump_tree:
       record['tree_dump'] = tree_dump(self.model.tokenizer, out, row, stats['committed_sets'])
@@ -610,9 +640,10 @@ def _placed_shapes(shapes, shardings):
 
 
 def make_runners(model, mesh, task, method, *, max_new_tokens, sampling, seed, rain_config,
-                 dump_tree=False) -> dict:
+                 dump_tree=False, judge_model=None) -> dict:
   """{'vanilla': VanillaRunner, 'rain': RainRunner} as `method` ('vanilla', 'rain' or
-  'both') asks, sharing one parameter placement (so they take the same layouts)."""
+  'both') asks, sharing one parameter placement (so they take the same layouts).
+  judge_model: RAIN's judge model (see RainRunner); None: the policy judges itself."""
   placement = param_placement(model.config, mesh)
   runners = {}
   if method in ('vanilla', 'both'):
@@ -620,7 +651,7 @@ def make_runners(model, mesh, task, method, *, max_new_tokens, sampling, seed, r
                                        sampling=sampling, seed=seed, placement=placement)
   if method in ('rain', 'both'):
     runners['rain'] = RainRunner(model, mesh, task, rain_config, dump_tree=dump_tree,
-                                 placement=placement)
+                                 placement=placement, judge_model=judge_model)
   return runners
 
 
@@ -685,18 +716,61 @@ def search_tables(tok, task, tables, vocab_size) -> stopping.SearchTables:
                                eos_id=jnp.int32(tok.eos_id))
 
 
+def _dumped_node(tok, ids_row, stats_row):
+  """{'tokens', 'text', 'n', 'fn', 'q', 'p'} of one recorded node (ids_row [L], -1
+  padded; stats_row [4]), or None for an empty column."""
+  ids = [int(t) for t in ids_row if t >= 0]
+  if not ids:
+    return None
+  n, fn, q, p = (float(x) for x in stats_row)
+  return {'tokens': ids, 'text': tok.decode(ids), 'n': n, 'fn': int(fn), 'q': q, 'p': p}
+
+
+def _root_children(tok, out, row, c):
+  """[(column, node dict)] of the root's children at commit c of `row`."""
+  nodes = [_dumped_node(tok, ids, st) for ids, st in zip(out['dump_tokens'][row, c],
+                                                        out['dump_stats'][row, c])]
+  return [(j, node) for j, node in enumerate(nodes) if node is not None]
+
+
 def tree_dump(tok, out, row, commits):
   """Root children statistics at every commit of `row` (like the original's per-step
-  dump): [{'simulations', 'children': [{'tokens', 'text', 'n', 'fn', 'q', 'p'}]}]."""
+  dump): [{'simulations', 'early', 'committed', 'children': [{'tokens', 'text', 'n',
+  'fn', 'q', 'p', 'children'}]}]. 'early': the step ended by the early-stop rule;
+  'committed': the index in 'children' of the committed set; a child's 'children': its
+  most visited children (search.GRANDCHILDREN_RECORDED at most, descending n) with the
+  same fields but no 'children'."""
   steps = []
   for c in range(commits):
+    kids = _root_children(tok, out, row, c)
     children = []
-    for ids_row, stats_row in zip(out['dump_tokens'][row, c], out['dump_stats'][row, c]):
-      ids = [int(t) for t in ids_row if t >= 0]
-      if not ids:
-        continue
-      n, fn, q, p = (float(x) for x in stats_row)
-      children.append({'tokens': ids, 'text': tok.decode(ids), 'n': n, 'fn': int(fn),
-                       'q': q, 'p': p})
-    steps.append({'simulations': int(out['dump_sims'][row, c]), 'children': children})
+    for j, node in kids:
+      grand = [_dumped_node(tok, ids, st) for ids, st in zip(
+          out['dump_grand_tokens'][row, c, j], out['dump_grand_stats'][row, c, j])]
+      children.append({**node, 'children': [g for g in grand if g is not None]})
+    chosen = int(out['dump_chosen'][row, c])
+    steps.append({'simulations': int(out['dump_sims'][row, c]),
+                  'early': bool(out['dump_early'][row, c]),
+                  'committed': next(i for i, (j, _) in enumerate(kids) if j == chosen),
+                  'children': children})
   return steps
+
+
+def commit_summaries(tok, out, row, commits):
+  """Every RAIN record's compact account of its committed sets, one entry per commit of
+  `row`: {'tokens', 'text', 'n', 'fn', 'q', 'p'} of the committed root child,
+  'simulations' of the outer step, 'early' (it ended by the early-stop rule) and
+  'alternative': {'text', 'n', 'q'} of the sibling the commit rule ranks next (most
+  visits n, ties to the larger q, then the first), or None when it had no sibling."""
+  summaries = []
+  for c in range(commits):
+    chosen = int(out['dump_chosen'][row, c])
+    kids = _root_children(tok, out, row, c)
+    node = next(node for j, node in kids if j == chosen)
+    others = [other for j, other in kids if j != chosen]
+    best = max(others, key=lambda o: (o['n'], o['q']), default=None)
+    summaries.append({**node, 'simulations': int(out['dump_sims'][row, c]),
+                      'early': bool(out['dump_early'][row, c]),
+                      'alternative': None if best is None else
+                      {'text': best['text'], 'n': best['n'], 'q': best['q']}})
+  return summaries

@@ -104,6 +104,24 @@ def _shift_left(tokens, start):
   return jnp.take_along_axis(tokens, jnp.minimum(j, tokens.shape[1] - 1), axis=1)
 
 
+# A separate judge model's calls are ordered: the policy's call, then the judge's
+# (`_after`), then whatever reads either (`_together`). Without the order, independent
+# computations may run their collectives in different orders on different devices: XLA's
+# CPU runtime runs independent work concurrently, and with 8 virtual devices on mesh
+# 2,2,2 the search deadlocked (the policy's sampling all-gathers against the judge
+# call's parameter all-gathers). The self-judging search has one call, so one order.
+
+
+def _after(done, x):
+  """x, made to wait for `done`."""
+  return jax.lax.optimization_barrier((done, x))[1]
+
+
+def _together(x):
+  """x (a pytree), every part of it available only once all of it is."""
+  return jax.lax.optimization_barrier(x)
+
+
 def _concat_feeds(a: kvcache.Feed, b: kvcache.Feed) -> kvcache.Feed:
   """Two feeds into a's cache as one ([B, T] write indices, logits everywhere)."""
   join = lambda x, y: jnp.concatenate([x, y], axis=1)
@@ -192,12 +210,17 @@ class Evaluator:
   judge: a rain_jax.judge.Judge; embedder: what similarity 'minilm' embeds with (an
   object with `dim` and `path_embeddings(embed_params, gen [R, G], gen_len [R],
   starts [R, K]) -> [R, K, dim]`, rain_jax.similarity.MiniLMEmbedder); else None.
+  separate_judge: the judge runs a model of its own (`judge.model`, --judge_model):
+  the parameters every door takes are then (policy params, judge params), and a pass
+  that would feed both (path, rollout, verdict, commit) becomes one call per model.
+  False (the reference): the judge is the policy, `params` its parameters.
   """
   model: kvcache.ModelFns
   judge: Any
   cfg: RainConfig
   layout: kvcache.PolicyLayout
   embedder: Any = None
+  separate_judge: bool = False
 
   def __post_init__(self):
     if self.cfg.similarity == 'minilm' and self.embedder is None:
@@ -205,6 +228,37 @@ class Evaluator:
                        "(rain_jax.similarity.MiniLMEmbedder)")
     if self.judge.layout is not None:
       kvcache.check_judge_layout(self.judge.layout, self.layout)
+
+  def _policy_params(self, params):
+    return params[0] if self.separate_judge else params
+
+  def _judge_params(self, params):
+    return params[1] if self.separate_judge else params
+
+  def _call(self, params, feeds):
+    """One (logits, hidden, cache) per feed: feeds[0] into the policy, feeds[1] (if any)
+    into the judge; one pass, or one per model with a separate judge."""
+    if not self.separate_judge or len(feeds) == 1:
+      return self.model.call_many(self._policy_params(params), feeds)
+    policy = self.model.call_many(params[0], feeds[:1])
+    judge = self.judge.model.call_many(params[1], _after(policy, feeds[1:]))
+    return _together(policy + judge)
+
+  def _feed(self, params, caches, *, tokens, lengths, at, chunk, tiers=1):
+    """kvcache.feed_tokens_many into caches[0] (the policy's) and caches[1] (if any, the
+    judge's), split per model with a separate judge. Returns (caches, hidden, logits)
+    of feed 0."""
+    if not self.separate_judge or len(caches) == 1:
+      return kvcache.feed_tokens_many(
+          self.model, self._policy_params(params), caches, tokens=tokens, lengths=lengths,
+          at=at, chunk=chunk, tiers=tiers)
+    policy, hidden, logits = kvcache.feed_tokens_many(
+        self.model, params[0], caches[:1], tokens=tokens[:1], lengths=lengths[:1],
+        at=at[:1], chunk=chunk, tiers=tiers)
+    judge, _, _ = kvcache.feed_tokens_many(
+        self.judge.model, params[1], _after((policy, hidden, logits), caches[1:]),
+        tokens=tokens[1:], lengths=lengths[1:], at=at[1:], chunk=chunk, tiers=tiers)
+    return _together((policy + judge, hidden, logits))
 
   @property
   def embed_dim(self) -> int:
@@ -221,10 +275,14 @@ class Evaluator:
     cache = self.model.init_cache(num_rows, layout.num_slots)
     with kvcache.phase('prefill'):
       cache, _, root_logits = kvcache.feed_tokens(
-          self.model, params, cache, tokens=prompt_tokens, lengths=prompt_lens,
-          at=kvcache.at_start(num_rows, layout.num_slots),
+          self.model, self._policy_params(params), cache, tokens=prompt_tokens,
+          lengths=prompt_lens, at=kvcache.at_start(num_rows, layout.num_slots),
           chunk=kvcache.prefill_chunk(prompt_tokens.shape[1]))
-      judge = self.judge.init_state(params, judge_inputs)
+      if self.separate_judge:
+        judge_inputs = _after((cache, root_logits), judge_inputs)
+      judge = self.judge.init_state(self._judge_params(params), judge_inputs)
+      if self.separate_judge:
+        cache, root_logits, judge = _together((cache, root_logits, judge))
     return RowState(
         cache=cache, judge=judge, trunk_len=prompt_lens,
         maxlen=jnp.minimum(cfg.maxlen, prompt_lens + cfg.max_new_tokens - 1),
@@ -249,18 +307,19 @@ class Evaluator:
     lens = jnp.where(ok, lens, 0)
     with kvcache.phase('commit'):
       if self._cached_judge:
-        (cache, judge_cache), _, logits = kvcache.feed_tokens_many(
-            self.model, params, (rows.cache, rows.judge.cache), tokens=(tokens, tokens),
+        (cache, judge_cache), _, logits = self._feed(
+            params, (rows.cache, rows.judge.cache), tokens=(tokens, tokens),
             lengths=(lens, lens),
             at=(kvcache.after_trunk(rows.trunk_len, layout.num_slots),
                 self.judge.trunk_placement(rows.judge)), chunk=cfg.max_tokens_per_node)
         judge = self.judge.committed(rows.judge, judge_cache, lens)
       else:
         cache, _, logits = kvcache.feed_tokens(
-            self.model, params, rows.cache, tokens=tokens, lengths=lens,
-            at=kvcache.after_trunk(rows.trunk_len, layout.num_slots),
+            self.model, self._policy_params(params), rows.cache, tokens=tokens,
+            lengths=lens, at=kvcache.after_trunk(rows.trunk_len, layout.num_slots),
             chunk=cfg.max_tokens_per_node)
-        judge = self.judge.commit(params, rows.judge, tokens=tokens, lens=lens, mask=ok)
+        judge = self.judge.commit(self._judge_params(params), rows.judge, tokens=tokens,
+                                  lens=lens, mask=ok)
     idx = _rows(lens)
     live = jnp.arange(cfg.max_tokens_per_node)[None, :] < lens[:, None]
     dest = jnp.where(live, rows.answer_len[:, None] + jnp.arange(cfg.max_tokens_per_node),
@@ -305,7 +364,8 @@ class Evaluator:
           params, tables, rows, leaves, (rows.cache, rows.judge if self._cached_judge else None),
           leaf_logits, (gen, gen_len, eos_seen, marker_seen), expand)
     if not self._cached_judge:
-      out['value'], judge = self.judge.evaluate(params, rows.judge, gen=out['gen'],
+      out['value'], judge = self.judge.evaluate(self._judge_params(params), rows.judge,
+                                                gen=out['gen'],
                                                 answer_len=rows.answer_len,
                                                 gen_len=out['gen_len'], active=leaves.active)
     candidates = self._leaf_candidates(leaves, leaf_logits, out['sequences'],
@@ -375,8 +435,8 @@ class Evaluator:
       at.append(kvcache.Placement(
           content.slot_base + kept, content.start_position + kept,
           content.context | kvcache.slot_range_mask(jslots, content.slot_base, kept)))
-    caches, hidden, logits = kvcache.feed_tokens_many(
-        self.model, params, tuple(caches), tokens=tuple(tokens), lengths=tuple(lengths),
+    caches, hidden, logits = self._feed(
+        params, tuple(caches), tokens=tuple(tokens), lengths=tuple(lengths),
         at=tuple(at), chunk=self.cfg.feed_chunk, tiers=PATH_FEED_TIERS)
     path_hidden = rows.path_hidden
     if path_hidden.shape[-1]:   # fed hidden states [R, P_cap, H] start at `start`
@@ -519,7 +579,7 @@ class Evaluator:
           policy = _concat_feeds(policy, self._stream_feed(streams, st['stream_tokens'],
                                                            st['i']))
         feeds = [policy] + ([content_feed(st, who)] if judge is not None else [])
-        out = self.model.call_many(params, feeds)
+        out = self._call(params, feeds)
         logits, hidden, st['cache'] = out[0]
         if judge is not None:
           st['judge'] = st['judge'].replace(cache=out[1][2])
@@ -556,7 +616,7 @@ class Evaluator:
             st['judge'], gen=st['gen'], answer_len=rows.answer_len, gen_len=st['gen_len'],
             active=active, fed=path_len + st['r'], width=1)
         feeds.append(verdict)
-      out = self.model.call_many(params, feeds)
+      out = self._call(params, feeds)
       logits, hidden, st['cache'] = out[0]
       if cfg.similarity == 'mean_hidden':
         st['hsum'] = st['hsum'] + jnp.where(rolls[:, None], hidden[:, 0].astype(jnp.float32),
@@ -641,7 +701,7 @@ class Evaluator:
     def body(st):
       feed = self._stream_feed(streams, st['stream_tokens'], st['i'])._replace(
           cache=st['cache'])
-      logits, _, cache = self.model.forward(params, *feed)
+      logits, _, cache = self.model.forward(self._policy_params(params), *feed)
       return self._advance_streams(streams, dict(st, cache=cache), logits)
     return jax.lax.while_loop(lambda st: st['i'] + 1 < stream_len, body, st)
 

@@ -77,6 +77,18 @@ TABLE = (
          'unroll them (faster decoding on GPU/TPU).', role=OPERATIONAL),
     Flag('mesh', 'string', '-1,1,1', 'Device mesh data,fsdp,tensor; -1 = the rest.',
          role=OPERATIONAL),
+    Flag('judge_model', 'string', None, 'RAIN: a registry name for a second model that '
+         'reads the self-evaluation prompt instead of the policy (the original\'s evaluator '
+         'slot; not the reference, which judges itself). It must share the policy\'s '
+         'tokenizer; weights as for --model, from --judge_hf_dir / --judge_checkpoint when '
+         'the registry entry needs them.'),
+    Flag('judge_checkpoint', 'string', None, 'RAIN judge model: an orbax checkpoint '
+         '(like --checkpoint).'),
+    Flag('judge_hf_dir', 'string', None, 'RAIN judge model: an HF directory (like '
+         '--hf_dir).'),
+    Flag('judge_gguf', 'string', None, 'RAIN judge model: a LLaMA GGUF file (like --gguf).'),
+    Flag('judge_tokenizer', 'string', None, 'RAIN judge model: its tokenizer file when its '
+         'weights carry none (default: --tokenizer); it must equal the policy\'s.'),
     Flag('max_programs', 'integer', 3, 'Compile at most this many programs (padded '
          'prompt widths) in a run; with --method=both vanilla gets one, RAIN the rest. '
          'Each batch pads to the nearest width that holds it.', role=OPERATIONAL),
@@ -160,6 +172,9 @@ TABLE = (
     # Output.
     Flag('output', 'string', 'out/results.jsonl', 'JSONL results file (appended; '
          'one per process).', role=OPERATIONAL),
+    Flag('summary', 'bool', True, 'At the end, print a Markdown summary of the chosen '
+         "prompts' answers and RAIN searches to stderr and write it to "
+         '<output>.summary.md (scripts/sweep.py turns it off).', role=OPERATIONAL),
     Flag('allow_config_change', 'bool', False, 'Append to an --output whose answers were '
          'made with other settings (see <output>.config.json).', role=OPERATIONAL),
     Flag('compilation_cache', 'string', None,

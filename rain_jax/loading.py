@@ -4,6 +4,7 @@ Weight paths go through `etils.epath`, so an orbax `--checkpoint` (and an `--hf_
 may be a gs:// folder; a GGUF file must be local (it is memory-mapped).
 """
 import dataclasses
+import re
 
 from models import convert, gguf, llama, registry
 from models.tokenizer import Tokenizer, load_tokenizer
@@ -51,15 +52,21 @@ def _weights_location(model, checkpoint, hf_dir, gguf_path):
   return fmt, path, None, location.name
 
 
-def _find_tokenizer(fmt, path, tokenizer_flag, registry_tokenizer):
+def _find_tokenizer(fmt, path, tokenizer_flag, registry_tokenizer, fallback=None):
+  """The tokenizer to load: the flag's, the registry's, the weights' own, else
+  `fallback` (a judge model's: the policy's --tokenizer)."""
   if tokenizer_flag:
     return tokenizer_flag
   if registry_tokenizer:
     return registry_tokenizer
   if fmt == 'gguf':
     return path
-  if fmt == 'hf':
+  if fmt == 'hf' and (fallback is None or any(
+      convert.as_path(path).joinpath(name).exists()
+      for name in ('tokenizer.model', 'tokenizer.json'))):
     return path  # load_tokenizer looks for tokenizer.json / tokenizer.model inside
+  if fallback:
+    return fallback
   raise ValueError('--checkpoint needs --tokenizer (a tokenizer.model, tokenizer.json or '
                    '.gguf file), or --model naming the registry entry it was converted from')
 
@@ -77,18 +84,64 @@ def _config(fmt, path, dtype, scan_layers):
 
 
 def describe_model(*, model=None, checkpoint=None, hf_dir=None, gguf_path=None,
-                   tokenizer=None, dtype='float32', scan_layers=True) -> LoadedModel:
+                   tokenizer=None, dtype='float32', scan_layers=True,
+                   fallback_tokenizer=None) -> LoadedModel:
   """The model's name, architecture and tokenizer, without its weights (params None):
-  enough to compile its programs and check that they fit before loading anything."""
+  enough to compile its programs and check that they fit before loading anything.
+  fallback_tokenizer: the tokenizer file to use when neither `tokenizer` nor the
+  weights name one."""
   fmt, path, registry_tokenizer, name = _weights_location(model, checkpoint, hf_dir,
                                                           gguf_path)
   config = _config(fmt, path, dtype, scan_layers)
-  tok = load_tokenizer(_find_tokenizer(fmt, path, tokenizer, registry_tokenizer))
+  tok = load_tokenizer(_find_tokenizer(fmt, path, tokenizer, registry_tokenizer,
+                                       fallback_tokenizer))
   if tok.vocab_size > config.vocab_size:
     raise ValueError(f'tokenizer has {tok.vocab_size} tokens but the model only '
                      f'{config.vocab_size}')
   return LoadedModel(name=name, config=config, params=None, tokenizer=tok,
                      source=(fmt, path))
+
+
+def describe_judge_model(policy: LoadedModel, *, model=None, checkpoint=None, hf_dir=None,
+                         gguf_path=None, tokenizer=None, dtype='float32', scan_layers=True,
+                         policy_tokenizer=None) -> LoadedModel | None:
+  """The judge model RAIN's self-evaluation prompt is read by, when one is named (else
+  None: the policy judges itself). The judge reads the policy's token ids (the judged
+  text never leaves token space), so both must share one tokenizer: ValueError naming
+  the difference otherwise. policy_tokenizer: the policy's --tokenizer, used for judge
+  weights that carry no tokenizer of their own. Errors name the --judge_* flags."""
+  if not any((model, checkpoint, hf_dir, gguf_path)):
+    if tokenizer:
+      raise ValueError('--judge_tokenizer needs a judge model (--judge_model, '
+                       '--judge_checkpoint, --judge_hf_dir or --judge_gguf)')
+    return None
+  try:
+    judge = describe_model(model=model, checkpoint=checkpoint, hf_dir=hf_dir,
+                           gguf_path=gguf_path, tokenizer=tokenizer, dtype=dtype,
+                           scan_layers=scan_layers, fallback_tokenizer=policy_tokenizer)
+  except (ValueError, FileNotFoundError) as e:
+    message = re.sub(r'--(model|checkpoint|hf_dir|gguf|tokenizer)\b', r'--judge_\1', str(e))
+    raise type(e)(f'judge model: {message}') from None
+  difference = tokenizer_difference(policy.tokenizer, judge.tokenizer)
+  if difference:
+    raise ValueError(f'judge model {judge.name} does not share the policy\'s tokenizer '
+                     f'({difference}); the judge reads the policy\'s token ids, so both '
+                     f'models need one tokenizer')
+  return judge
+
+
+def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:
+  """None when `a` and `b` map every id to the same bytes (and agree on BOS/EOS), else
+  what first differs."""
+  if a.vocab_size != b.vocab_size:
+    return f'{a.vocab_size} vs {b.vocab_size} tokens'
+  for name in ('bos_id', 'eos_id'):
+    if getattr(a, name) != getattr(b, name):
+      return f'{name} {getattr(a, name)} vs {getattr(b, name)}'
+  for i in range(a.vocab_size):
+    if a.token_bytes(i) != b.token_bytes(i):
+      return f'token {i} is {a.token_bytes(i)!r} vs {b.token_bytes(i)!r}'
+  return None
 
 
 def load_params(model: LoadedModel, shardings=None):

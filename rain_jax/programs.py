@@ -51,9 +51,13 @@ class ParamPlacement:
   def agrees(self, compiled) -> bool:
     """Whether `compiled` (first argument: the parameters) takes them in the layouts
     placed so far; the first program compiled sets them."""
+    return self.agrees_with(compiled.input_formats[0][0])
+
+  def agrees_with(self, chosen) -> bool:
+    """Whether the formats a program chose for these parameters are those placed so far
+    (the first program's choice sets them)."""
     if self.shardings is None:
       return True
-    chosen = compiled.input_formats[0][0]
     if self.formats is None:
       self.formats = chosen
     return _layouts(chosen) == _layouts(self.formats)
@@ -69,6 +73,45 @@ class ParamPlacement:
       self._source, self._placed = params, jax.device_put(params, self.formats,
                                                           donate=donate)
     return self._placed
+
+
+class JointPlacement:
+  """Two parameter trees one program takes as one argument, (policy, judge): RAIN with
+  a judge model (--judge_model). Each part keeps its own ParamPlacement, so the
+  policy's is the one the run's other programs share (its weights placed once); the
+  interface is ParamPlacement's, over the pair."""
+
+  def __init__(self, policy: ParamPlacement, judge: ParamPlacement):
+    self.parts = (policy, judge)
+
+  @property
+  def shardings(self):
+    return tuple(p.shardings for p in self.parts)
+
+  @property
+  def formats(self):
+    formats = tuple(p.formats for p in self.parts)
+    return None if any(f is None and p.shardings is not None
+                       for f, p in zip(formats, self.parts)) else formats
+
+  @property
+  def auto(self) -> bool:
+    return all(p.auto for p in self.parts)
+
+  @auto.setter
+  def auto(self, value: bool):
+    for p in self.parts:
+      p.auto = value
+
+  def auto_spec(self):
+    return tuple(p.auto_spec() for p in self.parts)
+
+  def agrees(self, compiled) -> bool:
+    chosen = compiled.input_formats[0][0]
+    return all([p.agrees_with(c) for p, c in zip(self.parts, chosen)])
+
+  def place(self, params, donate=False):
+    return tuple(p.place(x, donate=donate) for p, x in zip(self.parts, params))
 
 
 def _layouts(formats):

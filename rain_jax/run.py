@@ -86,8 +86,9 @@ def chosen_examples(flag_values=FLAGS):
   return task, examples
 
 
-def make_runners(model, mesh, task, flag_values=FLAGS):
-  """engine.make_runners with the method, decoding and search the flags say."""
+def make_runners(model, mesh, task, flag_values=FLAGS, judge_model=None):
+  """engine.make_runners with the method, decoding and search the flags say (and RAIN's
+  judge model, if any: `describe_judge`)."""
   from rain_jax import engine, generate
   sampling = generate.SamplingParams(temperature=flag_values.temperature,
                                      top_k=flag_values.top_k, top_p=flag_values.top_p)
@@ -95,7 +96,21 @@ def make_runners(model, mesh, task, flag_values=FLAGS):
                              max_new_tokens=flag_values.max_new_tokens, sampling=sampling,
                              seed=flag_values.seed,
                              rain_config=rain_config_from_flags(flag_values),
-                             dump_tree=flag_values.dump_tree)
+                             dump_tree=flag_values.dump_tree, judge_model=judge_model)
+
+
+def describe_judge(policy, flag_values=FLAGS):
+  """The judge model the --judge_* flags name (weights not loaded), or None (the policy
+  judges itself). InputError for a judge without RAIN or with another tokenizer."""
+  from rain_jax import loading
+  judge = loading.describe_judge_model(
+      policy, model=flag_values.judge_model, checkpoint=flag_values.judge_checkpoint,
+      hf_dir=flag_values.judge_hf_dir, gguf_path=flag_values.judge_gguf,
+      tokenizer=flag_values.judge_tokenizer, dtype=flag_values.dtype,
+      scan_layers=flag_values.scan_layers, policy_tokenizer=flag_values.tokenizer)
+  if judge is not None and flag_values.method == 'vanilla':
+    raise InputError('a judge model (--judge_*) serves RAIN only: use --method=rain or both')
+  return judge
 
 
 def streams(method, flag_values=FLAGS):
@@ -216,7 +231,8 @@ def _run():
                                  hf_dir=FLAGS.hf_dir, gguf_path=FLAGS.gguf,
                                  tokenizer=FLAGS.tokenizer, dtype=FLAGS.dtype,
                                  scan_layers=FLAGS.scan_layers)
-  runners = make_runners(model, mesh, task)
+  judge_model = describe_judge(model)
+  runners = make_runners(model, mesh, task, judge_model=judge_model)
   # Every input is checked (prompt lengths included) before the output is touched.
   encoded = next(iter(runners.values())).encode(examples)
   done = _shared_keys(distributed.from_process_zero(
@@ -239,6 +255,10 @@ def _run():
   placement = next(iter(runners.values())).placement  # shared by the runners
   model.params = placement.place(loading.load_params(model, placement.shardings),
                                  donate=True)
+  if judge_model is not None:
+    where = runners['rain'].judge_placement
+    judge_model.params = where.place(loading.load_params(judge_model, where.shardings),
+                                     donate=True)
   writer = None
 
   def open_output():
@@ -264,6 +284,8 @@ def _run():
           t0 = time.time()
           for record in answer(runner, method, batch, widths):
             record['model'] = model.name
+            if judge_model is not None and method == 'rain':
+              record['judge_model'] = judge_model.name
             if writer:
               writer.write(record)
             bar.write(f"[{method} {record['id']}] {record['response'][:200]!r}")
@@ -272,6 +294,27 @@ def _run():
   finally:
     if writer:
       writer.close()
+  if writes and FLAGS.summary:
+    _write_summary(examples, runners)
+
+
+def _write_summary(examples, methods):
+  """Process 0, at the end: the summary (rain_jax/summary.py) of the records of the
+  chosen examples, answered by this session or an earlier one, on stderr and in
+  `<output>.summary.md`. A results file it cannot read costs the summary, not the run."""
+  from rain_jax import results, summary
+  keys = [(str(ex.id), method) for ex in examples for method in methods]
+  try:
+    records = summary.latest_records(results.read_records(FLAGS.output), keys)
+    if not records:
+      return
+    text = summary.summarize(records, results.read_config(FLAGS.output), output=FLAGS.output)
+    path = summary.write_summary(FLAGS.output, text)
+  except (ValueError, OSError) as e:
+    print(f'rain_jax.run: warning: no summary: {e}', file=sys.stderr)
+    return
+  print(text, file=sys.stderr, flush=True)
+  logging.info('summary written to %s', path)
 
 
 def _key_list(keys):

@@ -9,7 +9,10 @@ short prompts with a tiny random LLaMA over the LLaMA vocabulary, once on one de
 once per mesh, with the parameters placed by `rain_jax.sharding.param_shardings`. It
 measures and reports; the assertions live in the test.
 
-Usage: python -m tests.rain_mesh_e2e MESH [MESH ...], e.g. 8,1,1 2,2,2 1,1,8.
+With --judge_model first, RAIN's judge is a second model (tiny-mha, its own random
+weights, sharded by the same rules as the policy: RainRunner's judge_model).
+
+Usage: python -m tests.rain_mesh_e2e [--judge_model] MESH [MESH ...], e.g. 8,1,1 2,2,2.
 Report: {"device_count", "baseline": {"answers", "stats"}, "meshes": {spec: {
 "answers_equal", "stats_equal", "stop_reasons_equal", "mismatches": [{"row",
 "first_diff", "baseline", "mesh"}], "max_abs_logit_diff"}}}; the baseline also gives
@@ -39,6 +42,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TOKENIZER = os.path.join(REPO, 'rain_jax', 'data', 'tokenizers', 'llama',
                                'tokenizer.model')
 MODEL = get_preset('tiny-gqa').replace(vocab_size=32000)
+JUDGE_MODEL = get_preset('tiny-mha').replace(vocab_size=32000)
 BATCH = 8
 PROMPTS = ['Tell me a story', 'How do I bake bread?', 'Name a colour', 'Why is the sky blue?',
            'Hello', 'What is two plus two?', 'Write a short poem about rain', 'Say yes']
@@ -64,13 +68,21 @@ def make_task(folder):
                         turn_marker='Human:')
 
 
-def run(params, task, mesh):
-  """The runner's records for all prompts in one batch, parameters placed on `mesh`."""
-  shardings = sharding.param_shardings(llama.param_shapes(MODEL), mesh,
-                                       head_dim=MODEL.head_dim)
-  model = types.SimpleNamespace(name='tiny', config=MODEL, tokenizer=load_tokenizer(
+def placed_model(name, config, params, mesh):
+  """A loading.LoadedModel-like model with `params` on the mesh's parameter shardings."""
+  shardings = sharding.param_shardings(llama.param_shapes(config), mesh,
+                                       head_dim=config.head_dim)
+  return types.SimpleNamespace(name=name, config=config, tokenizer=load_tokenizer(
       LLAMA_TOKENIZER), params=jax.device_put(params, shardings))
-  runner = engine.RainRunner(model, mesh, task, CFG)
+
+
+def run(params, task, mesh, judge_params=None):
+  """The runner's records for all prompts in one batch, parameters placed on `mesh`
+  (and a judge model's, when judge_params are given)."""
+  model = placed_model('tiny', MODEL, params, mesh)
+  judge = (None if judge_params is None
+           else placed_model('tiny-judge', JUDGE_MODEL, judge_params, mesh))
+  runner = engine.RainRunner(model, mesh, task, CFG, judge_model=judge)
   examples = task.load_examples(0, -1)
   records = runner.run_batch(list(zip(examples, runner.encode(examples))), BATCH)
   return records, model.params, runner.encode(examples)
@@ -92,9 +104,9 @@ def stats(records):
   return [r['search'] for r in records]
 
 
-def compare(base, base_logits, params, task, spec):
+def compare(base, base_logits, params, task, spec, judge_params):
   mesh = sharding.make_mesh(spec)
-  records, placed, prompts = run(params, task, mesh)
+  records, placed, prompts = run(params, task, mesh, judge_params)
   mismatches = []
   for b, (x, y) in enumerate(zip(answers(base), answers(records))):
     if x != y:
@@ -117,18 +129,23 @@ def min_top2_gap(logits, lengths):
 
 
 def main(specs):
+  judge_params = None
+  if specs and specs[0] == '--judge_model':
+    specs = specs[1:]
+    judge_params = jax.tree.map(np.asarray, llama_recompute.scaled_params(
+        JUDGE_MODEL, seed=3, embed_scale=8.0))
   params = jax.tree.map(np.asarray,
                         llama_recompute.scaled_params(MODEL, seed=5, embed_scale=8.0))
   with tempfile.TemporaryDirectory() as folder:
     task = make_task(folder)
     one_device = sharding.make_mesh('1,1,1', devices=jax.devices()[:1])
-    base, placed, prompts = run(params, task, one_device)
+    base, placed, prompts = run(params, task, one_device, judge_params)
     base_logits = prompt_logits(placed, prompts, one_device)
     report = {'device_count': jax.device_count(),
               'baseline': {'answers': answers(base), 'stats': stats(base),
                            'min_top2_gap': min_top2_gap(base_logits,
                                                         [len(p) for p in prompts])},
-              'meshes': {spec: compare(base, base_logits, params, task, spec)
+              'meshes': {spec: compare(base, base_logits, params, task, spec, judge_params)
                          for spec in specs}}
   print(json.dumps(report))
 

@@ -55,6 +55,22 @@ def _save_tiny_llama(directory, max_position_embeddings=256, seed=0):
   return model
 
 
+def _save_other_tokenizer(directory):
+  """A 286-token byte-level BPE tokenizer.json (not LLaMA's); returns its path."""
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = tokenizers.Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(['hello world how are you', 'the sky is blue'], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=['<s>', '</s>'],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  directory.mkdir()
+  tok.save(str(directory / 'tokenizer.json'))
+  (directory / 'tokenizer_config.json').write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+  return str(directory / 'tokenizer.json')
+
+
 def _write_jsonl(path, rows):
   with open(path, 'w', encoding='utf-8') as f:
     for row in rows:
@@ -83,10 +99,11 @@ def workspace(tmp_path_factory):
   no_prompt = _write_jsonl(root / 'no_prompt.jsonl',
                            [{'id': 'a', 'prompt': 'hi'}, {'id': 'b', 'text': 'hi'}])
   (root / 'not-a-folder').write_text('a file\n')
+  other_tokenizer = _save_other_tokenizer(root / 'other-tokenizer')
   return dict(root=root, model=model, hf_dir=str(root / 'tiny-llama'),
               short_dir=str(root / 'short-context'), corrupt_dir=str(corrupt),
               prompts=prompts, long_prompt=long_prompt, bad_json=str(bad_json),
-              no_prompt=no_prompt)
+              no_prompt=no_prompt, other_tokenizer=other_tokenizer)
 
 
 def _run_cli(*flags):
@@ -191,6 +208,15 @@ BAD_INPUTS = {
     'unknown_task': (lambda w: {'--task': 'no-such-task'}, ['unknown task', 'no-such-task']),
     'output_under_a_file': (lambda w: {'--output': str(w['root'] / 'not-a-folder' / 'o.jsonl')},
                             ['--output', 'not-a-folder is not a directory']),
+    'judge_model_without_rain': (lambda w: {'--judge_hf_dir': w['hf_dir']},
+                                 ['judge model', '--method=rain']),
+    'judge_model_absent': (lambda w: {'--method': 'rain',
+                                      '--judge_hf_dir': str(w['root'] / 'absent')},
+                           ['judge model', '--judge_hf_dir', 'absent', 'does not exist']),
+    'judge_model_other_tokenizer': (lambda w: {'--method': 'rain', '--judge_hf_dir': w['hf_dir'],
+                                               '--judge_tokenizer': w['other_tokenizer']},
+                                    ["does not share the policy's tokenizer",
+                                     '32000 vs 286 tokens']),
 }
 
 

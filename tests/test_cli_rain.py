@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from models.tokenizer import load_tokenizer
@@ -30,7 +31,12 @@ MAX_T = 4
 @pytest.fixture(scope='module')
 def rain_run(tmp_path_factory, tiny_llama_32k_dir):
   """The records of one RAIN run with --dump_tree on two custom prompts."""
-  root = tmp_path_factory.mktemp('cli_rain')
+  return run_rain_cli(tmp_path_factory.mktemp('cli_rain'), tiny_llama_32k_dir)
+
+
+def run_rain_cli(root, model_dir, *extra_flags):
+  """The records of `python -m rain_jax.run` (RAIN, --dump_tree, the checkpoint in
+  model_dir) on PROMPTS, written under root."""
   (root / 'judge').mkdir()
   for name, text in JUDGE_PROMPTS.items():
     (root / 'judge' / name).write_text(text)
@@ -39,13 +45,13 @@ def rain_run(tmp_path_factory, tiny_llama_32k_dir):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
   proc = subprocess.run(
-      [sys.executable, '-m', 'rain_jax.run', f'--hf_dir={tiny_llama_32k_dir}',
+      [sys.executable, '-m', 'rain_jax.run', f'--hf_dir={model_dir}',
        f'--tokenizer={LLAMA_TOKENIZER}', '--task=custom',
        f'--prompt_file={root / "prompts.jsonl"}', f'--judge_prompts={root / "judge"}',
        '--turn_marker=Human:', '--method=rain', '--dump_tree', '--similarity=mean_hidden',
        f'--max_T={MAX_T}', '--max_new_tokens=6', '--max_rollout=8', '--max_depth=3',
        '--num_nodes=256', '--batch_size=2', '--num_examples=-1', '--seed=2',
-       f'--output={output}', '--compilation_cache='],
+       f'--output={output}', '--compilation_cache=', *extra_flags],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return [json.loads(line) for line in output.read_text().splitlines()]
@@ -79,3 +85,39 @@ def test_tree_dump_matches_the_committed_answer(rain_run):
     # Each outer step runs at least max(max_T, 15) - carried visits unless it stops
     # early; the first step carries none.
     assert dump[0]['simulations'] >= max(MAX_T, 15) or search['early_stops'] > 0
+
+
+# Fields of a record that depend on the run's timing, not on its search.
+TIMING = ('seconds', 'batch_seconds', 'compile_seconds')
+
+
+def split_floats(value, floats):
+  """`value` (JSON data) with every float replaced by None, the floats appended to
+  `floats` in document order."""
+  if isinstance(value, float):
+    floats.append(value)
+    return None
+  if isinstance(value, dict):
+    return {k: split_floats(v, floats) for k, v in value.items()}
+  if isinstance(value, list):
+    return [split_floats(v, floats) for v in value]
+  return value
+
+
+def test_a_judge_model_with_the_policy_weights_equals_self_judging(
+    rain_run, tmp_path_factory, tiny_llama_32k_dir):
+  """--judge_hf_dir naming the policy's own checkpoint: a second model (its own
+  parameters, caches and calls) with the same weights gives the self-judging run's
+  records: every token, count and decision; the tree statistics' floats to 1e-5 (the
+  self-judging search runs policy and judge feeds in one call, the judge model in calls
+  of their own)."""
+  judged = run_rain_cli(tmp_path_factory.mktemp('cli_judge_model'), tiny_llama_32k_dir,
+                        f'--judge_hf_dir={tiny_llama_32k_dir}')
+  assert [r['judge_model'] for r in judged] == [os.path.basename(tiny_llama_32k_dir)] * 2
+  assert all('judge_model' not in r for r in rain_run)
+  by_id = {r['id']: r for r in rain_run}
+  for record in judged:
+    ours, theirs = [], []
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING + ('judge_model',)}
+    assert split_floats(strip(record), ours) == split_floats(strip(by_id[record['id']]), theirs)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)

@@ -19,7 +19,9 @@ OLD_OPERATIONAL_FLAGS = {'output', 'allow_config_change', 'compilation_cache', '
                          'coordinator_address', 'num_processes', 'process_id',
                          'peer_timeout_seconds',
                          # issue 10: continuous batching of RAIN prompts
-                         'continuous_batching'}
+                         'continuous_batching',
+                         # issue 13: the end-of-run summary
+                         'summary'}
 OLD_TASK_FLAGS = {
     'adv': ('suffix_file',),
     'sentiment': ('target_sentiment',),

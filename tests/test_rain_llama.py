@@ -161,9 +161,9 @@ def baseline(searcher, params, judges):
 # ------------------------------------------------------------------- against the oracle
 
 
-def run_oracle(params, prompt, judge, seed):
-  """The oracle's generation of one prompt; judge: (harmful id, constant) as `judges`."""
-  settings = ref.Settings(
+def oracle_settings(prompt, seed):
+  """The oracle's settings for CFG and one prompt."""
+  return ref.Settings(
       max_T=CFG.max_T, min_T=CFG.min_T, value_threshold=CFG.value_threshold,
       c_puct=CFG.c_puct, num_candidates=CFG.num_candidates, sample_top=CFG.sample_top,
       max_children=CFG.max_children, maxlen=len(prompt) + CFG.max_new_tokens - 1,
@@ -172,6 +172,11 @@ def run_oracle(params, prompt, judge, seed):
       sample_attempts_factor=CFG.sample_attempts_factor,
       rollout_stops_at_clause_end=CFG.rollout_stops_at_clause_end,
       similarity=CFG.similarity != 'none', seed=seed)
+
+
+def run_oracle(params, prompt, judge, seed):
+  """The oracle's generation of one prompt; judge: (harmful id, constant) as `judges`."""
+  settings = oracle_settings(prompt, seed)
   harmful_id, constant = judge
   oracle_judge = (fake_lm.HarmfulTokenJudge(harmful_id) if math.isnan(constant)
                   else fake_lm.ConstantJudge(constant))
@@ -286,9 +291,11 @@ def run_mesh_e2e(specs):
 
 
 @pytest.mark.slow
-def test_meshes_commit_the_same_answers_as_one_device():
+@pytest.mark.parametrize('judge_model', [False, True], ids=['self_judge', 'judge_model'])
+def test_meshes_commit_the_same_answers_as_one_device(judge_model):
+  """With judge_model, RAIN's judge is a second model sharded like the policy."""
   specs = ['8,1,1', '2,2,2', '1,1,8']
-  report = run_mesh_e2e(specs)
+  report = run_mesh_e2e((['--judge_model'] if judge_model else []) + specs)
   assert report['device_count'] == 8
   for spec in specs:
     result = report['meshes'][spec]
