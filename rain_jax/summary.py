@@ -251,6 +251,10 @@ def summarize(records, config=None, output=None, max_answers=MAX_ANSWERS,
   if 'rain' in groups:
     lines += [''] + searches_section(groups['rain'], max_searches, max_commits)
   lines += [''] + totals_section(groups)
+  if output and any('tree_dump' in r for r in groups.get('rain', [])):
+    folder = os.path.splitext(output)[0] + '_trees'
+    lines += ['', f'Tree pictures (one PNG per prompt): `python scripts/report.py '
+                  f'--trees={output} --out={folder}`']
   return '\n'.join(lines) + '\n'
 
 

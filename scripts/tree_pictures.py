@@ -133,7 +133,7 @@ def draw_commit(ax, number, step, cmap, norm):
     mine = row == committed
     ax.barh(row, child['n'], height=0.5, color=cmap(norm(child['q'])),
             edgecolor='black' if mine else 'gray', linewidth=2.2 if mine else 0.5)
-    ax.text(child['n'] + most * 0.02, row, f"n={child['n']:g} q={signed(child['q'])}",
+    ax.text(child['n'] + most * 0.02, row, f"n={round(child['n'], 2):g} q={signed(child['q'])}",
             va='center', fontsize=7)
     left = 0.0
     for grand in child.get('children', []):
