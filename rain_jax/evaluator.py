@@ -105,11 +105,10 @@ def _shift_left(tokens, start):
 
 
 # A separate judge model's calls are ordered: the policy's call, then the judge's
-# (`_after`), then whatever reads either (`_together`). Without the order, independent
-# computations may run their collectives in different orders on different devices: XLA's
-# CPU runtime runs independent work concurrently, and with 8 virtual devices on mesh
-# 2,2,2 the search deadlocked (the policy's sampling all-gathers against the judge
-# call's parameter all-gathers). The self-judging search has one call, so one order.
+# (`_after`), then whatever reads either (`_together`), so that the two models'
+# collectives run in one order on every device whatever a runtime does with independent
+# work. (They do not cure the deadlock XLA's CPU runtime shows for a judge model on 8
+# virtual devices with meshes that combine the data and tensor axes: docs/engine.md §5.)
 
 
 def _after(done, x):

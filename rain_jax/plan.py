@@ -126,6 +126,26 @@ def plan_model(flag_values):
   return loading.LoadedModel(name=name, config=config, params=None, tokenizer=tokenizer)
 
 
+def plan_judge_model(flag_values, policy):
+  """RAIN's judge model (--judge_*) without weights, described as `plan_model` describes
+  the policy (a preset when its weights are not here); None when the policy judges
+  itself. ValueError when its tokenizer is not the policy's."""
+  import types
+  from rain_jax import loading
+  names = ('model', 'checkpoint', 'hf_dir', 'gguf')
+  if not any(getattr(flag_values, 'judge_' + name) for name in names):
+    return None
+  judge = plan_model(types.SimpleNamespace(
+      **{name: getattr(flag_values, 'judge_' + name) for name in names},
+      tokenizer=flag_values.judge_tokenizer or flag_values.tokenizer,
+      dtype=flag_values.dtype, scan_layers=flag_values.scan_layers))
+  difference = loading.tokenizer_difference(policy.tokenizer, judge.tokenizer)
+  if difference:
+    raise ValueError(f"judge model {judge.name} does not share the policy's tokenizer "
+                     f'({difference})')
+  return judge
+
+
 def mesh_spec(mesh) -> str:
   """'d,f,t': the --mesh spec of `mesh`."""
   return ','.join(str(mesh.shape[axis]) for axis in mesh.axis_names)
@@ -153,16 +173,17 @@ def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
     arrays.append({'name': name, 'shape': list(shape), 'per_device_shape': local,
                    'per_device_bytes': size})
 
-  params = engine.abstract_params(config, runner.placement)
+  params = (runner.abstract_program_params() if program.method == 'rain'
+            else engine.abstract_params(config, runner.placement))
   param_bytes = sum(_per_device(x.shape, x.dtype, x.sharding)[1]
                     for x in jax.tree.leaves(params))
 
-  def cache(name, rows, slots):
-    shape = llama.cache_shape(config, rows, slots)
+  def cache(name, rows, slots, model_config=config):
+    shape = llama.cache_shape(model_config, rows, slots)
     where = sharding.cache_sharding(mesh, shape) if mesh is not None else None
     for part in ('k', 'v'):
-      add(f'{name}/{part}', shape, config.dtype, where)
-    return 2 * _per_device(shape, config.dtype, where)[1]
+      add(f'{name}/{part}', shape, model_config.dtype, where)
+    return 2 * _per_device(shape, model_config.dtype, where)[1]
 
   if program.method == 'vanilla':
     slots = min(program.prompt_width + runner.max_new_tokens, config.max_seq_len)
@@ -172,7 +193,8 @@ def array_report(runner, program, mesh, min_bytes=2 ** 20) -> dict:
   policy = kvcache.policy_layout(runner.cfg, program.prompt_width)
   task_judge = runner.judge_for(policy, program.judge_width)
   policy_bytes = cache('policy_cache', rows, policy.num_slots)
-  judge_bytes = cache('judge_cache', rows, task_judge.layout.num_slots)
+  judge_bytes = cache('judge_cache', rows, task_judge.layout.num_slots,
+                      (runner.judge_model or runner.model).config)
   tree = runner.tree_shapes(batch)
   tree_bytes = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -258,7 +280,8 @@ def plan_rows(flag_values, topology: Topology, devices, min_array_bytes=2 ** 20)
   mesh = sharding.make_mesh(flag_values.mesh, devices=devices)
   model = plan_model(flag_values)
   task, examples = run.chosen_examples(flag_values)
-  runners = run.make_runners(model, mesh, task, flag_values)
+  runners = run.make_runners(model, mesh, task, flag_values,
+                             judge_model=plan_judge_model(flag_values, model))
   encoded = next(iter(runners.values())).encode(examples)
   limit = (int(flag_values.device_memory_gib * GIB) if flag_values.device_memory_gib
            else topology.usable_bytes)
