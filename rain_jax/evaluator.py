@@ -104,11 +104,13 @@ def _shift_left(tokens, start):
   return jnp.take_along_axis(tokens, jnp.minimum(j, tokens.shape[1] - 1), axis=1)
 
 
-# A separate judge model's calls are ordered: the policy's call, then the judge's
-# (`_after`), then whatever reads either (`_together`), so that the two models'
-# collectives run in one order on every device whatever a runtime does with independent
-# work. (They do not cure the deadlock XLA's CPU runtime shows for a judge model on 8
-# virtual devices with meshes that combine the data and tensor axes: docs/engine.md §5.)
+# A separate judge model's calls are ordered: the policy's call (its parameters waiting
+# for its inputs), then the judge's (its parameters and inputs waiting for the policy's
+# outputs: `_after`), then whatever reads either (`_together`), so that the two models'
+# collectives (parameter all-gathers included) run in one order on every device. XLA's
+# CPU runtime runs independent work concurrently: without the order the search
+# deadlocked on 8 virtual devices with mesh 4,1,2 (with it, it gives the one-device
+# answers); on mesh 2,2,2 it still deadlocks (docs/engine.md §5).
 
 
 def _after(done, x):
@@ -239,8 +241,9 @@ class Evaluator:
     into the judge; one pass, or one per model with a separate judge."""
     if not self.separate_judge or len(feeds) == 1:
       return self.model.call_many(self._policy_params(params), feeds)
-    policy = self.model.call_many(params[0], feeds[:1])
-    judge = self.judge.model.call_many(params[1], _after(policy, feeds[1:]))
+    policy = self.model.call_many(_after(feeds[:1], params[0]), feeds[:1])
+    judge_params, judge_feeds = _after(policy, (params[1], feeds[1:]))
+    judge = self.judge.model.call_many(judge_params, judge_feeds)
     return _together(policy + judge)
 
   def _feed(self, params, caches, *, tokens, lengths, at, chunk, tiers=1):
@@ -252,10 +255,11 @@ class Evaluator:
           self.model, self._policy_params(params), caches, tokens=tokens, lengths=lengths,
           at=at, chunk=chunk, tiers=tiers)
     policy, hidden, logits = kvcache.feed_tokens_many(
-        self.model, params[0], caches[:1], tokens=tokens[:1], lengths=lengths[:1],
-        at=at[:1], chunk=chunk, tiers=tiers)
+        self.model, _after((caches[:1], tokens[:1]), params[0]), caches[:1],
+        tokens=tokens[:1], lengths=lengths[:1], at=at[:1], chunk=chunk, tiers=tiers)
+    judge_params, judge_caches = _after((policy, hidden, logits), (params[1], caches[1:]))
     judge, _, _ = kvcache.feed_tokens_many(
-        self.judge.model, params[1], _after((policy, hidden, logits), caches[1:]),
+        self.judge.model, judge_params, judge_caches,
         tokens=tokens[1:], lengths=lengths[1:], at=at[1:], chunk=chunk, tiers=tiers)
     return _together((policy + judge, hidden, logits))
 
@@ -277,9 +281,10 @@ class Evaluator:
           self.model, self._policy_params(params), cache, tokens=prompt_tokens,
           lengths=prompt_lens, at=kvcache.at_start(num_rows, layout.num_slots),
           chunk=kvcache.prefill_chunk(prompt_tokens.shape[1]))
+      judge_params = self._judge_params(params)
       if self.separate_judge:
-        judge_inputs = _after((cache, root_logits), judge_inputs)
-      judge = self.judge.init_state(self._judge_params(params), judge_inputs)
+        judge_params, judge_inputs = _after((cache, root_logits), (judge_params, judge_inputs))
+      judge = self.judge.init_state(judge_params, judge_inputs)
       if self.separate_judge:
         cache, root_logits, judge = _together((cache, root_logits, judge))
     return RowState(
