@@ -107,10 +107,11 @@ def _shift_left(tokens, start):
 # A separate judge model's calls are ordered: the policy's call (its parameters waiting
 # for its inputs), then the judge's (its parameters and inputs waiting for the policy's
 # outputs: `_after`), then whatever reads either (`_together`), so that the two models'
-# collectives (parameter all-gathers included) run in one order on every device. XLA's
-# CPU runtime runs independent work concurrently: without the order the search
-# deadlocked on 8 virtual devices with mesh 4,1,2 (with it, it gives the one-device
-# answers); on mesh 2,2,2 it still deadlocks (docs/engine.md §5).
+# collectives (parameter all-gathers included) run in one order on every device. On 8
+# simulated CPU devices the judge-model search deadlocked without this order, and also
+# with it under XLA's concurrency-optimised CPU scheduler (meshes 4,1,2 and 2,2,2);
+# with both the order and that scheduler off (sharding.prefer_serial_cpu_scheduler) every
+# mesh tested gives the one-device answers (docs/engine.md §5).
 
 
 def _after(done, x):

@@ -200,6 +200,8 @@ def _start_distributed():
 
 def _run():
   # Imports here so that --help and flag errors do not pay for JAX start-up.
+  from rain_jax import sharding
+  sharding.prefer_serial_cpu_scheduler()  # before JAX starts its backends
   import jax
   from rain_jax import distributed, loading, programs, progress, results, sharding
 

@@ -36,6 +36,7 @@ ValueError instead.
 """
 
 import logging
+import os
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -306,3 +307,26 @@ def constrain_rows(tree: Any, mesh: Mesh | None) -> Any:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   return jax.tree.map(constrain, tree)
+
+
+# XLA's CPU runtime with several host devices (XLA_FLAGS=
+# --xla_force_host_platform_device_count=N, the simulated meshes tests and CPU runs use):
+# under its concurrency-optimised scheduler RAIN with a judge model deadlocked in the
+# collectives on 8 devices (meshes 4,1,2 and 2,2,2: devices waiting at different
+# all-gathers); with this flag every mesh tested gives the one-device answers
+# (docs/engine.md §5).
+SERIAL_CPU_SCHEDULER = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def prefer_serial_cpu_scheduler(environ=None) -> bool:
+  """Adds SERIAL_CPU_SCHEDULER to XLA_FLAGS in `environ` (default os.environ) when they
+  force several host devices and do not choose the scheduler themselves; call it before
+  JAX starts its backends. Returns whether it added the flag."""
+  environ = os.environ if environ is None else environ
+  flags_now = environ.get('XLA_FLAGS', '')
+  forced = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags_now)
+  if (not forced or int(forced.group(1)) < 2
+      or 'xla_cpu_enable_concurrency_optimized_scheduler' in flags_now):
+    return False
+  environ['XLA_FLAGS'] = f'{flags_now} {SERIAL_CPU_SCHEDULER}'.strip()
+  return True

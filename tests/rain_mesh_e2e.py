@@ -22,6 +22,9 @@ import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
+from rain_jax import sharding  # noqa: E402  (after the device count, before JAX starts)
+
+sharding.prefer_serial_cpu_scheduler()   # what rain_jax.run does (docs/engine.md §5)
 
 import json
 import sys
@@ -34,7 +37,7 @@ import numpy as np
 from models import llama
 from models.presets import get_preset
 from models.tokenizer import load_tokenizer
-from rain_jax import engine, sharding, tasks
+from rain_jax import engine, tasks
 from rain_jax.config import RainConfig
 from tests import llama_recompute
 

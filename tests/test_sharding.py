@@ -290,3 +290,21 @@ def test_meshes_match_one_device():
 def test_more_meshes_match_one_device():
   """The remaining meshes 8x1x1 (data only), 1x8x1 (fsdp only), 4x2x1, for both models."""
   check_runs(run_e2e(SLOW_RUNS), SLOW_RUNS)
+
+
+@pytest.mark.parametrize('flags_before, added', [
+    ('--xla_force_host_platform_device_count=8', True),
+    ('--foo --xla_force_host_platform_device_count=2', True),
+    ('--xla_force_host_platform_device_count=1', False),
+    ('', False),
+    ('--xla_force_host_platform_device_count=8 '
+     '--xla_cpu_enable_concurrency_optimized_scheduler=true', False),
+])
+def test_prefer_serial_cpu_scheduler(flags_before, added):
+  environ = {'XLA_FLAGS': flags_before} if flags_before else {}
+  assert sharding.prefer_serial_cpu_scheduler(environ) == added
+  after = environ.get('XLA_FLAGS', '')
+  if added:
+    assert after == f'{flags_before} {sharding.SERIAL_CPU_SCHEDULER}'
+  else:
+    assert after == flags_before
