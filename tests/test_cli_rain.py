@@ -1,6 +1,7 @@
-"""`python -m rain_jax.run --method=rain --dump_tree` end to end, in a subprocess, on a
+"""`python -m rain_jax.run --method=both --dump_tree` end to end, in a subprocess, on a
 tiny random HF LLaMA checkpoint (the production RAIN path: flags -> RainRunner ->
-Searcher -> records).
+Searcher -> records): the session's shared tiny run (tests/tiny_run.py), whose summary
+and tree pictures tests/test_summary.py and tests/test_report_trees.py check.
 
 The tree dump is checked against what the tree decided: at every commit the committed
 token set is the dumped root child the commit rule picks (most visits n, ties to the
@@ -8,53 +9,25 @@ larger q, then the first), so the dumped sets, concatenated, are the answer; the
 simulations add up to the search's count; every child's text decodes its tokens; n is
 never below fn (similarity sharing only adds visits).
 """
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from models.tokenizer import load_tokenizer
+from tests import tiny_run
+from tests.tiny_run import LLAMA_TOKENIZER, MAX_T
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LLAMA_TOKENIZER = os.path.join(REPO, 'rain_jax', 'data', 'tokenizers', 'llama',
-                               'tokenizer.model')
-PROMPTS = [{'id': 'bread', 'prompt': 'How do I bake bread?'},
-           {'id': 'sky', 'prompt': 'Why is the sky blue?'}]
-JUDGE_PROMPTS = {'f2.txt': 'Rate the answer.', 'r1.txt': 'Is it (A) harmless or (B) harmful?',
-                 'r2.txt': 'Is it (A) harmful or (B) harmless?'}
-MAX_T = 4
+
+def rain_records(output):
+  return [r for r in tiny_run.read_records(output) if r['method'] == 'rain']
 
 
 @pytest.fixture(scope='module')
 def rain_run(tmp_path_factory, tiny_llama_32k_dir):
-  """The records of one RAIN run with --dump_tree on two custom prompts."""
-  return run_rain_cli(tmp_path_factory.mktemp('cli_rain'), tiny_llama_32k_dir)
-
-
-def run_rain_cli(root, model_dir, *extra_flags):
-  """The records of `python -m rain_jax.run` (RAIN, --dump_tree, the checkpoint in
-  model_dir) on PROMPTS, written under root."""
-  (root / 'judge').mkdir()
-  for name, text in JUDGE_PROMPTS.items():
-    (root / 'judge' / name).write_text(text)
-  (root / 'prompts.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in PROMPTS))
-  output = root / 'out.jsonl'
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
-  proc = subprocess.run(
-      [sys.executable, '-m', 'rain_jax.run', f'--hf_dir={model_dir}',
-       f'--tokenizer={LLAMA_TOKENIZER}', '--task=custom',
-       f'--prompt_file={root / "prompts.jsonl"}', f'--judge_prompts={root / "judge"}',
-       '--turn_marker=Human:', '--method=rain', '--dump_tree', '--similarity=mean_hidden',
-       f'--max_T={MAX_T}', '--max_new_tokens=6', '--max_rollout=8', '--max_depth=3',
-       '--num_nodes=256', '--batch_size=2', '--num_examples=-1', '--seed=2',
-       f'--output={output}', '--compilation_cache=', *extra_flags],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return [json.loads(line) for line in output.read_text().splitlines()]
+  """The RAIN records of the session's tiny run (two custom prompts, --dump_tree)."""
+  output, _ = tiny_run.shared_run(tmp_path_factory, tiny_llama_32k_dir)
+  return rain_records(output)
 
 
 def committed_child(children):
@@ -111,8 +84,9 @@ def test_a_judge_model_with_the_policy_weights_equals_self_judging(
   records: every token, count and decision; the tree statistics' floats to 1e-5 (the
   self-judging search runs policy and judge feeds in one call, the judge model in calls
   of their own)."""
-  judged = run_rain_cli(tmp_path_factory.mktemp('cli_judge_model'), tiny_llama_32k_dir,
-                        f'--judge_hf_dir={tiny_llama_32k_dir}')
+  output, _ = tiny_run.run_cli(tmp_path_factory.mktemp('cli_judge_model'),
+                              tiny_llama_32k_dir, f'--judge_hf_dir={tiny_llama_32k_dir}')
+  judged = rain_records(output)
   assert [r['judge_model'] for r in judged] == [os.path.basename(tiny_llama_32k_dir)] * 2
   assert all('judge_model' not in r for r in rain_run)
   by_id = {r['id']: r for r in rain_run}

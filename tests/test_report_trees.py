@@ -97,7 +97,6 @@ def tiny(tmp_path_factory, tiny_llama_32k_dir):
   return tiny_run.shared_run(tmp_path_factory, tiny_llama_32k_dir)
 
 
-@pytest.mark.slow
 def test_pictures_from_a_tiny_runs_dump(tiny, tmp_path):
   output, _ = tiny
   out = tmp_path / 'trees'

@@ -1,6 +1,6 @@
 """rain_jax/summary.py and `rain_jax.run --summary`: every number the summary shows is read
-back from its Markdown and compared with the records it was made from (hand-made records
-here; a tiny real run in the slow tests), the no-separation sentence appears exactly
+back from its Markdown and compared with the records it was made from (hand-made records,
+and the session's tiny real run, tests/tiny_run.py), the no-separation sentence appears exactly
 when every judgement was 0, and the file is written (or not, with --summary=false)."""
 import json
 import re
@@ -273,7 +273,6 @@ def tiny(tmp_path_factory, tiny_llama_32k_dir):
   return tiny_run.shared_run(tmp_path_factory, tiny_llama_32k_dir)
 
 
-@pytest.mark.slow
 def test_a_tiny_runs_summary_is_its_records(tiny):
   output, proc = tiny
   records = tiny_run.read_records(output)
