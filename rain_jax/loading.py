@@ -122,12 +122,18 @@ def describe_judge_model(policy: LoadedModel, *, model=None, checkpoint=None, hf
   except (ValueError, FileNotFoundError) as e:
     message = re.sub(r'--(model|checkpoint|hf_dir|gguf|tokenizer)\b', r'--judge_\1', str(e))
     raise type(e)(f'judge model: {message}') from None
+  check_shared_tokenizer(policy, judge)
+  return judge
+
+
+def check_shared_tokenizer(policy: LoadedModel, judge: LoadedModel) -> None:
+  """ValueError naming the first difference unless the judge model's tokenizer is the
+  policy's (`tokenizer_difference`)."""
   difference = tokenizer_difference(policy.tokenizer, judge.tokenizer)
   if difference:
     raise ValueError(f'judge model {judge.name} does not share the policy\'s tokenizer '
                      f'({difference}); the judge reads the policy\'s token ids, so both '
                      f'models need one tokenizer')
-  return judge
 
 
 def tokenizer_difference(a: Tokenizer, b: Tokenizer) -> str | None:

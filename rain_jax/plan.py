@@ -139,10 +139,7 @@ def plan_judge_model(flag_values, policy):
       **{name: getattr(flag_values, 'judge_' + name) for name in names},
       tokenizer=flag_values.judge_tokenizer or flag_values.tokenizer,
       dtype=flag_values.dtype, scan_layers=flag_values.scan_layers))
-  difference = loading.tokenizer_difference(policy.tokenizer, judge.tokenizer)
-  if difference:
-    raise ValueError(f"judge model {judge.name} does not share the policy's tokenizer "
-                     f'({difference})')
+  loading.check_shared_tokenizer(policy, judge)
   return judge
 
 

@@ -345,12 +345,18 @@ def record_session(output: str, flag_values: dict, session: dict) -> dict:
 
 
 def write_json_atomic(path: str, content) -> None:
-  """Writes JSON to `path` so that readers see the old file or the new one, never a mix.
+  """Writes JSON to `path` atomically (`write_text_atomic`)."""
+  write_text_atomic(path, json.dumps(content, indent=1, ensure_ascii=False) + '\n')
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to `path` so that readers see the old file or the new one, never a
+  mix: a temp file in the same folder, fsynced, renamed, the folder fsynced.
 
   A URL (gs://...) is written as one object, which replaces the old one at once."""
   if is_remote(path):
     from etils import epath  # pylint: disable=import-outside-toplevel
-    epath.Path(path).write_text(json.dumps(content, indent=1, ensure_ascii=False) + '\n')
+    epath.Path(path).write_text(text)
     return
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -358,8 +364,7 @@ def write_json_atomic(path: str, content) -> None:
                               suffix='.tmp')
   try:
     with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      json.dump(content, f, indent=1, ensure_ascii=False)
-      f.write('\n')
+      f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(temp, path)

@@ -21,7 +21,8 @@ MAX_SEARCHES prompt tables and MAX_COMMITS rows per table, each cut said in a li
 totals always cover every record. Pure functions except `write_summary`.
 """
 import os
-import tempfile
+
+from rain_jax import results
 
 SUFFIX = '.summary.md'
 ANSWER_CHARS = 200
@@ -259,25 +260,8 @@ def summarize(records, config=None, output=None, max_answers=MAX_ANSWERS,
 
 
 def write_summary(output: str, text: str) -> str:
-  """Writes `text` to `<output>.summary.md` atomically (a temp file in the same folder,
-  fsynced, renamed; a gs:// URL is one object write); returns the path."""
+  """Writes `text` to `<output>.summary.md` atomically (results.write_text_atomic);
+  returns the path."""
   path = summary_path(output)
-  if '://' in path:
-    from etils import epath  # pylint: disable=import-outside-toplevel
-    epath.Path(path).write_text(text)
-    return path
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  fd, temp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                              suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w', encoding='utf-8') as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temp, path)
-  except BaseException:
-    if os.path.exists(temp):
-      os.remove(temp)
-    raise
+  results.write_text_atomic(path, text)
   return path

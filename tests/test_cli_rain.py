@@ -16,6 +16,7 @@ import pytest
 
 from models.tokenizer import load_tokenizer
 from tests import tiny_run
+from tests.record_compare import split_floats
 from tests.tiny_run import LLAMA_TOKENIZER, MAX_T
 
 
@@ -62,19 +63,6 @@ def test_tree_dump_matches_the_committed_answer(rain_run):
 
 # Fields of a record that depend on the run's timing, not on its search.
 TIMING = ('seconds', 'batch_seconds', 'compile_seconds')
-
-
-def split_floats(value, floats):
-  """`value` (JSON data) with every float replaced by None, the floats appended to
-  `floats` in document order."""
-  if isinstance(value, float):
-    floats.append(value)
-    return None
-  if isinstance(value, dict):
-    return {k: split_floats(v, floats) for k, v in value.items()}
-  if isinstance(value, list):
-    return [split_floats(v, floats) for v in value]
-  return value
 
 
 def test_a_judge_model_with_the_policy_weights_equals_self_judging(

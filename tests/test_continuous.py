@@ -28,6 +28,7 @@ from models.tokenizer import load_tokenizer
 from rain_jax import engine, search, sharding, tasks
 from rain_jax.config import RainConfig
 from tests import llama_recompute
+from tests.record_compare import split_floats
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_TOKENIZER = os.path.join(REPO, 'rain_jax', 'data', 'tokenizers', 'llama',
@@ -84,19 +85,6 @@ def widths(runner, items):
 def alone(runner, items, widths):
   """Each example's record from a batch of one."""
   return {ex.id: runner.run_batch([(ex, ids)], 1, widths)[0] for ex, ids in items}
-
-
-def split_floats(value, floats):
-  """`value` (JSON data) with every float replaced by None, the floats appended to
-  `floats` in document order."""
-  if isinstance(value, float):
-    floats.append(value)
-    return None
-  if isinstance(value, dict):
-    return {k: split_floats(v, floats) for k, v in value.items()}
-  if isinstance(value, list):
-    return [split_floats(v, floats) for v in value]
-  return value
 
 
 def content(record):
