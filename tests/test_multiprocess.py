@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.test_cli_rain import JUDGE_PROMPTS, LLAMA_TOKENIZER, REPO
+from tests.tiny_run import JUDGE_PROMPTS, LLAMA_TOKENIZER, REPO
 
 PROMPTS = [{'id': f'p{i}', 'prompt': text} for i, text in enumerate([
     'How do I bake bread?', 'Why is the sky blue?', 'Name a fast animal.',
