@@ -14,7 +14,9 @@ work between calls (tree updates, sampling) counts in the next call's phase. Com
 are stamped too, which gives the time to the first committed set.
 
 Prints one JSON object: calls, padded tokens and seconds per phase, per simulation and
-per committed set, and the time to the first committed set. With --baseline_rev the
+per committed set, the time to the first committed set, and `cost_model`: the
+least-squares fit seconds = a + b * padded tokens over the search calls (what one more
+call and one more token cost on this machine). With --baseline_rev the
 same measurement first runs on that git revision (a temporary worktree on the same
 machine, in a subprocess) and both land in one report with their ratios. Code before
 the phase labels (issue 12) is labelled here by wrapping its Evaluator's methods.
@@ -156,6 +158,22 @@ def parse_overrides(text):
   return out
 
 
+def fit_call_cost(calls):
+  """Least-squares cost of one search call (prefill and commit left out): seconds =
+  a + b * tokens over consecutive stamps [(end time, phase, tokens)], each call charged
+  the time since the one before. Returns {'ms_per_call': a, 'ms_per_token': b,
+  'calls_fitted': n}, or None with fewer than two distinct call sizes."""
+  rows = [(tokens, end - prev) for (prev, _, _), (end, phase, tokens) in zip(calls, calls[1:])
+          if phase not in ('prefill', 'commit')]
+  if len({tokens for tokens, _ in rows}) < 2:
+    return None
+  tokens = np.array([t for t, _ in rows], np.float64)
+  seconds = np.array([s for _, s in rows], np.float64)
+  design = np.stack([np.ones_like(tokens), tokens], axis=1)
+  (a, b), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+  return {'ms_per_call': 1e3 * a, 'ms_per_token': 1e3 * b, 'calls_fitted': len(rows)}
+
+
 def summarize(recorder, records):
   """The report of one run from its stamps and records."""
   calls = recorder.calls
@@ -181,6 +199,7 @@ def summarize(recorder, records):
     before = [c for c in calls[1:] if c[0] <= end and c[1] not in ('prefill', 'commit')]
     first = {'seconds': end - start, 'simulations': step_sims[0],
              'calls': len(before), 'calls_per_simulation': len(before) / step_sims[0],
+             'tokens_per_simulation': sum(c[2] for c in before) / step_sims[0],
              'seconds_per_simulation': (end - start) / step_sims[0]}
   return {
       'simulations': sims, 'committed_sets': commits,
@@ -191,6 +210,9 @@ def summarize(recorder, records):
       'first_committed_set_seconds': first and first['seconds'],
       'first_committed_set': first,
       'phases': dict(sorted(phases.items(), key=lambda kv: -kv[1]['seconds'])),
+      'tokens_per_simulation': sum(p['tokens'] for name, p in phases.items()
+                                   if name not in ('prefill', 'commit')) / sims,
+      'cost_model': fit_call_cost(calls),
       'answers': [r['response_ids'] for r in records],
   }
 

@@ -1,7 +1,19 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and how the suite splits over pytest-xdist workers."""
 import pytest
 
 from models import registry
+
+# Test files that read the session's one tiny `rain_jax.run` (tests/tiny_run.py): one
+# xdist group, so that the run is made once.
+TINY_RUN_FILES = {'test_cli_rain', 'test_report_trees', 'test_summary'}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+  """One xdist group per test file (`--dist loadgroup`), the tiny-run files sharing one."""
+  for item in items:
+    name = item.module.__name__.rsplit('.', 1)[-1]
+    item.add_marker(pytest.mark.xdist_group('tiny_run' if name in TINY_RUN_FILES else name))
 
 
 @pytest.fixture(scope="session")

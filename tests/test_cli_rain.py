@@ -65,6 +65,7 @@ def test_tree_dump_matches_the_committed_answer(rain_run):
 TIMING = ('seconds', 'batch_seconds', 'compile_seconds')
 
 
+@pytest.mark.slow   # the engine-level oracle test of a judge model is tests/test_judge_model.py
 def test_a_judge_model_with_the_policy_weights_equals_self_judging(
     rain_run, tmp_path_factory, tiny_llama_32k_dir):
   """--judge_hf_dir naming the policy's own checkpoint: a second model (its own

@@ -85,7 +85,8 @@ def assert_same(out, row, result):
                                  rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize('lm_seed', [0, 1, 2])
+# More seeds: -m slow (the default suite keeps one, for its ten-minute budget).
+@pytest.mark.parametrize('lm_seed', [0] + [pytest.param(s, marks=pytest.mark.slow) for s in (1, 2)])
 def test_random_bigram_with_harmful_token_judge(lm_seed):
   lm = fake_lm.random_bigram_lm(16, 8, seed=lm_seed, eos_id=1, clause_end_ids=(2,),
                                 logit_scale=1.5)
@@ -145,6 +146,7 @@ def test_batch_equals_rows_one_by_one_and_oracle():
     assert_same(batched, row, run_oracle(lm, prompt, {'harmful': 5}, seed, cfg))
 
 
+@pytest.mark.slow
 def test_tree_capacity_overflow_is_counted_and_search_degrades_gracefully():
   """A tree too small for the search: children that do not fit are counted, the run
   finishes, and every committed set is a real child of the root it left."""
@@ -253,7 +255,8 @@ TASK_RULES = {
 
 
 @pytest.mark.parametrize('task', sorted(TASK_RULES))
-@pytest.mark.parametrize('lm_seed', [20, 21])
+# More seeds: -m slow (the default suite keeps one, for its ten-minute budget).
+@pytest.mark.parametrize('lm_seed', [20, pytest.param(21, marks=pytest.mark.slow)])
 def test_stopping_rules_of_each_task_match_the_oracle(task, lm_seed):
   """EOS and the turn marker are likely, answers short: the rollout stop (len > maxlen;
   HH/adv only after a sampled EOS, truth on any EOS in the text), the terminal test

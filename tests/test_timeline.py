@@ -37,7 +37,23 @@ def test_summary_of_hand_made_stamps():
   first = got['first_committed_set']
   assert first['seconds'] == pytest.approx(1.75) and first['simulations'] == 2
   assert first['calls'] == 6 and first['calls_per_simulation'] == 3
+  assert first['tokens_per_simulation'] == pytest.approx((32 + 12 + 2 + 50 + 32 + 50) / 2)
+  assert got['tokens_per_simulation'] == pytest.approx((3 * 32 + 12 + 2 + 3 * 50) / 3)
   assert got['answers'] == [[5]]
+
+
+def test_cost_model_recovers_a_linear_cost():
+  """Calls that cost exactly 40 ms + 3 ms per token give back those numbers; prefill and
+  commit passes (priced differently here) are left out of the fit."""
+  rec, t = [(0.0, 'prefill', 256)], 0.0
+  for phase, tokens in [('path', 16), ('commit', 20), ('rollout+proposals', 11),
+                        ('judge', 58), ('rollout+proposals', 2), ('path', 30)]:
+    t += 1.0 if phase == 'commit' else 0.040 + 0.003 * tokens
+    rec.append((t, phase, tokens))
+  fit = timeline.fit_call_cost(rec)
+  assert fit['ms_per_call'] == pytest.approx(40.0) and fit['ms_per_token'] == pytest.approx(3.0)
+  assert fit['calls_fitted'] == 5
+  assert timeline.fit_call_cost([(0.0, 'path', 8), (0.1, 'path', 8)]) is None
 
 
 def test_bad_overrides_are_refused_naming_them(capsys):
