@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 
 from absl import app, flags
 
@@ -130,7 +131,6 @@ def plan_judge_model(flag_values, policy):
   """RAIN's judge model (--judge_*) without weights, described as `plan_model` describes
   the policy (a preset when its weights are not here); None when the policy judges
   itself. ValueError when its tokenizer is not the policy's."""
-  import types
   from rain_jax import loading
   names = ('model', 'checkpoint', 'hf_dir', 'gguf')
   if not any(getattr(flag_values, 'judge_' + name) for name in names):

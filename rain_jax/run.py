@@ -203,7 +203,7 @@ def _run():
   from rain_jax import sharding
   sharding.prefer_serial_cpu_scheduler()  # before JAX starts its backends
   import jax
-  from rain_jax import distributed, loading, programs, progress, results, sharding
+  from rain_jax import distributed, loading, programs, progress, results
 
   _check_flags()
   _start_distributed()
